@@ -1,0 +1,1 @@
+"""The Consul backend (being built)."""

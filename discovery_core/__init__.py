@@ -1,0 +1,59 @@
+"""Service registration and discovery for Python gRPC services.
+
+One small API over swappable backends: ``connect()`` a backend, ``register()`` an
+instance, ``watch()`` a service. Importing this package imports no backend.
+"""
+
+from discovery_core.backend import Backend, available_backends, connect
+from discovery_core.errors import (
+    BackendNotFound,
+    BackendUnavailable,
+    ClosedError,
+    DiscoveryError,
+    InvalidConfig,
+    InvalidInstance,
+    PermissionDenied,
+)
+from discovery_core.model import (
+    Check,
+    GrpcCheck,
+    HealthStatus,
+    HttpCheck,
+    ProbeCheck,
+    ServiceInstance,
+    Snapshot,
+    SnapshotDiff,
+    TcpCheck,
+    TtlCheck,
+)
+from discovery_core.registry import Registration, Registry
+from discovery_core.watcher import Query, Stop, Watch, Watcher
+
+__all__ = [
+    "Backend",
+    "BackendNotFound",
+    "BackendUnavailable",
+    "Check",
+    "ClosedError",
+    "DiscoveryError",
+    "GrpcCheck",
+    "HealthStatus",
+    "HttpCheck",
+    "InvalidConfig",
+    "InvalidInstance",
+    "PermissionDenied",
+    "ProbeCheck",
+    "Query",
+    "Registration",
+    "Registry",
+    "ServiceInstance",
+    "Snapshot",
+    "SnapshotDiff",
+    "Stop",
+    "TcpCheck",
+    "TtlCheck",
+    "Watch",
+    "Watcher",
+    "available_backends",
+    "connect",
+]

@@ -1,0 +1,500 @@
+"""Watching a service: the one delivery mechanism every backend shares.
+
+A backend supplies one primitive, ``Watcher.poll`` (a blocking query: return the
+service's snapshot once it is newer than an index). Everything else is written once
+here: one feed thread per (backend, service, filter) however many subscribers there
+are; dedupe by content; coalescing (a slow reader sees the latest set, never a
+backlog); a token bucket against a feed that spins; capped exponential backoff with
+jitter and the last known set marked ``stale`` while the backend is down; and the
+``Watch`` handle with ``wait``, iteration, ``async for`` and ``subscribe``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from discovery_core.errors import BackendUnavailable, ClosedError, DiscoveryError, InvalidInstance
+from discovery_core.model import HealthStatus, ServiceInstance, Snapshot
+
+__all__ = ["Query", "Stop", "Watch", "Watcher"]
+
+log = logging.getLogger("discovery_core.watch")
+
+Subscriber = Callable[[Snapshot], None]
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a watch asks for: one service, optionally only passing instances carrying
+    all of ``tags`` and all of the ``meta`` pairs. Hashable: it keys the shared feed."""
+
+    service: str
+    passing_only: bool = True
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        service: str,
+        *,
+        passing_only: bool = True,
+        tags: tuple[str, ...] | list[str] = (),
+        meta: Mapping[str, str] | None = None,
+    ) -> Query:
+        """Validate a filter the same way instances are validated."""
+        # A throwaway instance runs the model's validation of name, tags and meta.
+        probe = ServiceInstance(service, "127.0.0.1", 1, tags=tuple(tags), meta=dict(meta or {}))
+        if not isinstance(passing_only, bool):
+            raise InvalidInstance("passing_only", passing_only, "must be True or False")
+        return cls(service, passing_only, tuple(sorted(probe.tags)), tuple(probe.meta.items()))
+
+    def matches(self, instance: ServiceInstance, status: HealthStatus) -> bool:
+        """Whether an instance in this health belongs to the query's result."""
+        return (
+            instance.name == self.service
+            and (status is HealthStatus.PASSING or not self.passing_only)
+            and all(tag in instance.tags for tag in self.tags)
+            and all(instance.meta.get(key) == value for key, value in self.meta)
+        )
+
+
+class Stop:
+    """Set once, when the watch feeding a ``poll`` closes.
+
+    A backend whose poll blocks registers, with ``on_set``, how to wake it (notify a
+    condition, shut a socket), so closing never waits for a blocking query to time out.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._keys = itertools.count()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds; True if stopped meanwhile."""
+        return self._event.wait(timeout)
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` when stopped (at once if already); returns a remover."""
+        with self._lock:
+            if not self._event.is_set():
+                key = next(self._keys)
+                self._callbacks[key] = callback
+                return lambda: self._remove(key)
+        callback()
+        return lambda: None
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            callbacks, self._callbacks = list(self._callbacks.values()), {}
+        for callback in callbacks:
+            callback()
+
+    def _remove(self, key: int) -> None:
+        with self._lock:
+            self._callbacks.pop(key, None)
+
+
+class _TokenBucket:
+    """At most ``burst`` polls at once, refilled at ``rate`` per second: a feed that
+    returns at once every time (a bug, a flapping backend) cannot spin a core."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self, stop: Stop) -> bool:
+        """Wait for a token; False if stopped while waiting."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens < 1 and stop.wait((1 - self._tokens) / self._rate):
+            return False
+        self._tokens = max(self._tokens - 1, 0.0)
+        return not stop.is_set()
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter (each delay uniform in [d/2, d])."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self._base = base
+        self._cap = cap
+        self._attempt = 0
+
+    def next(self) -> float:
+        delay = min(self._cap, self._base * 2**self._attempt)
+        self._attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+def _next_index(previous: int, returned: int) -> int:
+    """The index for the next blocking poll: reset to 0 (read at once) when the
+    backend's index went backwards, and never below 1 otherwise (0 does not block)."""
+    return 0 if returned < previous else max(returned, 1)
+
+
+class _Feed:
+    """One thread polling one query, fanning snapshots out to every subscriber."""
+
+    def __init__(self, watcher: Watcher, query: Query) -> None:
+        self.watcher = watcher
+        self.query = query
+        self.refs = 0
+        self.error: DiscoveryError | None = None
+        self.current: Snapshot | None = None
+        self._stop = Stop()
+        self._deliver_lock = threading.RLock()
+        self._subscribers: dict[int, Subscriber] = {}
+        self._closers: dict[int, Callable[[], None]] = {}
+        self._keys = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=f"discovery-watch:{query.service}", daemon=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._deliver_lock:
+            closers = list(self._closers.values())
+        for closer in closers:
+            closer()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self.watcher.close_timeout)
+            if self._thread.is_alive():
+                log.warning("watch on %r: the backend's poll did not return on close", self.query.service)
+
+    def subscribe(self, callback: Subscriber, on_close: Callable[[], None] | None = None) -> Callable[[], None]:
+        """Add a subscriber and hand it the current snapshot at once, if there is one."""
+        with self._deliver_lock:
+            key = next(self._keys)
+            self._subscribers[key] = callback
+            if on_close is not None:
+                self._closers[key] = on_close
+            if self.current is not None:
+                self._call(callback, self.current)
+        return lambda: self._unsubscribe(key)
+
+    def _unsubscribe(self, key: int) -> None:
+        with self._deliver_lock:
+            self._subscribers.pop(key, None)
+            self._closers.pop(key, None)
+
+    def _deliver(self, snapshot: Snapshot) -> None:
+        with self._deliver_lock:
+            self.current = snapshot
+            for callback in list(self._subscribers.values()):
+                self._call(callback, snapshot)
+
+    def _call(self, callback: Subscriber, snapshot: Snapshot) -> None:
+        try:
+            callback(snapshot)
+        except Exception:  # a subscriber's bug must not stop the feed for the others
+            log.exception("watch on %r: a subscriber raised", self.query.service)
+
+    def _accept(self, snapshot: Snapshot) -> None:
+        current = self.current
+        if current is not None and not current.stale and snapshot.same_content(current):
+            return
+        index = snapshot.index if current is None else max(snapshot.index, current.index + 1)
+        self._deliver(dataclasses.replace(snapshot, index=index, stale=False))
+
+    def _fail(self, error: DiscoveryError) -> None:
+        self.error = error
+        current = self.current
+        if current is not None and not current.stale:
+            self._deliver(dataclasses.replace(current, stale=True))
+
+    def _run(self) -> None:
+        watcher, stop, service = self.watcher, self._stop, self.query.service
+        bucket = _TokenBucket(watcher.poll_rate, watcher.poll_burst)
+        backoff = _Backoff(watcher.retry_base, watcher.retry_cap)
+        index = 0
+        outage = False
+        while bucket.take(stop):
+            try:
+                snapshot = watcher.poll(self.query, index, stop)
+            except Exception as exc:  # the top of a thread: nothing above it would see the error
+                if stop.is_set():
+                    break
+                error = exc if isinstance(exc, DiscoveryError) else BackendUnavailable(str(exc), service=service)
+                if not isinstance(exc, DiscoveryError):
+                    log.error("watch on %r: the backend's poll raised %r", service, exc, exc_info=exc)
+                elif not outage:
+                    log.warning("watch on %r: %s; serving the last known set and retrying", service, exc)
+                outage = True
+                self._fail(error)
+                if stop.wait(backoff.next()):
+                    break
+                continue
+            if stop.is_set():
+                break
+            if outage:
+                log.info("watch on %r: the backend answers again", service)
+                outage = False
+                self.error = None
+                backoff.reset()
+            index = _next_index(index, snapshot.index)
+            self._accept(snapshot)
+
+
+class Watch:
+    """A handle on a service's shared feed.
+
+    ``wait()`` and iteration return each newer snapshot, the current one first; a
+    reader slower than the changes skips to the latest. ``subscribe(callback)`` calls
+    ``callback(snapshot)`` on the feed's thread, with the current snapshot at once:
+    keep callbacks short and do not unsubscribe while holding a lock the callback
+    takes. Closing the last handle of a feed stops its thread.
+    """
+
+    def __init__(self, feed: _Feed, release: Callable[[], None]) -> None:
+        self._feed = feed
+        self._release = release
+        self._cond = threading.Condition()
+        self._latest: Snapshot | None = None
+        self._seq = 0
+        self._seen = 0
+        self._closed = False
+        self._unsubscribers: list[Callable[[], None]] = []
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._unsubscribers.append(feed.subscribe(self._on_snapshot, on_close=self._on_close))
+
+    @property
+    def query(self) -> Query:
+        return self._feed.query
+
+    @property
+    def current(self) -> Snapshot | None:
+        """The latest snapshot delivered, without waiting (None before the first)."""
+        return self._feed.current
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        with self._cond:
+            self._latest = snapshot
+            self._seq += 1
+            self._cond.notify_all()
+        self._wake_async()
+
+    def _on_close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._wake_async()
+
+    def _wake_async(self) -> None:
+        for loop, event in list(self._async_waiters):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed; its waiter is gone with it
+                self._async_waiters.discard((loop, event))
+
+    def _take(self) -> Snapshot | None:
+        if self._seq > self._seen and self._latest is not None:
+            self._seen = self._seq
+            return self._latest
+        if self._closed:
+            raise ClosedError(f"the watch on {self.query.service!r} is closed", service=self.query.service)
+        return None
+
+    def _timed_out(self, timeout: float | None) -> DiscoveryError | TimeoutError:
+        error = self._feed.error
+        if error is not None and self._latest is None:
+            return error
+        return TimeoutError(f"no new snapshot of {self.query.service!r} within {timeout} s")
+
+    def wait(self, timeout: float | None = None) -> Snapshot:
+        """The next snapshot this handle has not returned yet (the current one first).
+
+        Raises ``TimeoutError`` after ``timeout`` seconds, the backend's error instead
+        when no snapshot ever arrived, and ``ClosedError`` once the watch is closed.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > self._seen or self._closed, timeout)
+            snapshot = self._take()
+            if snapshot is None:
+                raise self._timed_out(timeout)
+            return snapshot
+
+    async def wait_async(self, timeout: float | None = None) -> Snapshot:
+        """``wait()`` for asyncio code: it awaits instead of blocking the loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            event = asyncio.Event()
+            waiter = (loop, event)
+            with self._cond:
+                snapshot = self._take()
+                if snapshot is not None:
+                    return snapshot
+                self._async_waiters.add(waiter)
+            try:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise self._timed_out(timeout)
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                raise self._timed_out(timeout) from None
+            finally:
+                self._async_waiters.discard(waiter)
+
+    def __iter__(self) -> Iterator[Snapshot]:
+        """Every newer snapshot, blocking between them, until the watch is closed."""
+        while True:
+            try:
+                yield self.wait()
+            except ClosedError:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Snapshot]:
+        while True:
+            try:
+                yield await self.wait_async()
+            except ClosedError:
+                return
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback`` with the current snapshot and every change; returns an
+        unsubscribe function. Closing the watch unsubscribes it too."""
+        if self._closed:
+            raise ClosedError(f"the watch on {self.query.service!r} is closed", service=self.query.service)
+        unsubscribe = self._feed.subscribe(callback)
+        self._unsubscribers.append(unsubscribe)
+        return unsubscribe
+
+    def close(self) -> None:
+        """Unsubscribe everything this handle added; the last handle stops the feed."""
+        with self._cond:
+            if self._closed and not self._unsubscribers:
+                return
+            self._closed = True
+            unsubscribers, self._unsubscribers = self._unsubscribers, []
+            self._cond.notify_all()
+        self._wake_async()
+        for unsubscribe in unsubscribers:
+            unsubscribe()
+        if unsubscribers:
+            self._release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Watch {self.query.service!r} {state}>"
+
+
+class Watcher(abc.ABC):
+    """Where snapshots come from. A backend implements ``poll``; the rest is shared.
+
+    Class attributes a backend may tune: ``poll_rate``/``poll_burst`` (token bucket of
+    polls per second), ``retry_base``/``retry_cap`` (backoff seconds while the backend
+    is down) and ``close_timeout`` (how long closing waits for a poll to return).
+    """
+
+    poll_rate: float = 50.0
+    poll_burst: int = 10
+    retry_base: float = 0.1
+    retry_cap: float = 2.0
+    close_timeout: float = 5.0
+    _closed = False
+
+    def __init__(self) -> None:
+        self._feeds: dict[Query, _Feed] = {}
+        self._feeds_lock = threading.Lock()
+
+    @abc.abstractmethod
+    def poll(self, query: Query, index: int, stop: Stop) -> Snapshot:
+        """The query's current snapshot, once its index is greater than ``index``.
+
+        Index 0 answers at once. Otherwise block until the result changes, until the
+        backend's own wait bound passes (then return the unchanged result: the feed
+        dedupes), or until ``stop`` is set (wake up promptly and return anything).
+        Raise ``BackendUnavailable``/``PermissionDenied`` on failure; never block
+        without a timeout.
+        """
+
+    def instances(
+        self,
+        service: str,
+        *,
+        passing_only: bool = True,
+        tags: tuple[str, ...] | list[str] = (),
+        meta: Mapping[str, str] | None = None,
+    ) -> Snapshot:
+        """The service's instances now, in one non-blocking read."""
+        self._check_open()
+        return self.poll(Query.build(service, passing_only=passing_only, tags=tags, meta=meta), 0, Stop())
+
+    def watch(
+        self,
+        service: str,
+        *,
+        passing_only: bool = True,
+        tags: tuple[str, ...] | list[str] = (),
+        meta: Mapping[str, str] | None = None,
+    ) -> Watch:
+        """A handle on the service's shared feed (started by the first handle)."""
+        self._check_open()
+        query = Query.build(service, passing_only=passing_only, tags=tags, meta=meta)
+        with self._feeds_lock:
+            feed = self._feeds.get(query)
+            if feed is None:
+                feed = self._feeds[query] = _Feed(self, query)
+                feed.start()
+            feed.refs += 1
+        return Watch(feed, release=lambda: self._release(feed))
+
+    def _release(self, feed: _Feed) -> None:
+        with self._feeds_lock:
+            feed.refs -= 1
+            last = feed.refs == 0 and self._feeds.get(feed.query) is feed
+            if last:
+                del self._feeds[feed.query]
+        if last:
+            feed.stop()
+
+    def _close_feeds(self) -> None:
+        with self._feeds_lock:
+            feeds, self._feeds = list(self._feeds.values()), {}
+        for feed in feeds:
+            feed.stop()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{type(self).__name__} is closed")
