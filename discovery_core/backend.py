@@ -112,8 +112,7 @@ def _load(name: str) -> type[Backend]:
         manager: DriverManager[type[Backend]] = DriverManager(
             namespace=ENTRY_POINT_GROUP,
             name=name,
-            on_missing_entrypoints_callback=None,
-            warn_on_missing_entrypoint=False,
+            on_missing_entrypoints_callback=lambda names: None,
         )
     except NoMatches:
         raise BackendNotFound(name, available_backends()) from None
