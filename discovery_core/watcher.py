@@ -124,13 +124,18 @@ class _TokenBucket:
 
     def take(self, stop: Stop) -> bool:
         """Wait for a token; False if stopped while waiting."""
+        self._refill()
+        if self._tokens < 1:
+            if stop.wait((1 - self._tokens) / self._rate):
+                return False
+            self._refill()
+        self._tokens -= 1
+        return not stop.is_set()
+
+    def _refill(self) -> None:
         now = time.monotonic()
         self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
-        if self._tokens < 1 and stop.wait((1 - self._tokens) / self._rate):
-            return False
-        self._tokens = max(self._tokens - 1, 0.0)
-        return not stop.is_set()
 
 
 class _Backoff:

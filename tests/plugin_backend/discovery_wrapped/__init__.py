@@ -1,0 +1,35 @@
+"""A backend from another distribution: delegates to a memory backend it opens
+through discovery_core's public ``connect()``, as any third party could."""
+
+from __future__ import annotations
+
+from discovery_core import Backend, Query, ServiceInstance, Snapshot, Stop, connect
+
+
+class WrappedBackend(Backend):
+    """``wrapped://``: the memory backend behind a third party's entry point."""
+
+    name = "wrapped"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inner = connect("memory://")
+
+    def add(self, instance: ServiceInstance) -> None:
+        self._check_open()
+        self._inner.add(instance)
+
+    def deregister(self, instance_id: str) -> None:
+        self._inner.deregister(instance_id)
+
+    def heartbeat(self, instance_id: str) -> None:
+        self._inner.heartbeat(instance_id)
+
+    def is_registered(self, instance: ServiceInstance) -> bool:
+        return self._inner.is_registered(instance)
+
+    def poll(self, query: Query, index: int, stop: Stop) -> Snapshot:
+        return self._inner.poll(query, index, stop)
+
+    def _close_resources(self) -> None:
+        self._inner.close()

@@ -1,0 +1,89 @@
+"""The model: defaults, immutability, hashing, validation and snapshot diffs."""
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import discovery_core as dc
+from discovery_core.testing.invalid import bad_fields
+
+names = st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True)
+ports = st.integers(min_value=1, max_value=65535)
+tags = st.lists(st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), unique=True, max_size=4).map(tuple)
+metas = st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), st.text(max_size=10), max_size=4)
+
+
+@given(name=names, port=ports, tags=tags, meta=metas)
+def test_valid_instances_are_equal_and_hash_alike_when_built_twice(
+    name: str, port: int, tags: tuple[str, ...], meta: dict[str, str]
+) -> None:
+    a = dc.ServiceInstance(name, "10.0.0.5", port, tags=tags, meta=meta)
+    b = dc.ServiceInstance(name, "10.0.0.5", port, tags=tags, meta=dict(meta))
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a.id == f"{name}-10.0.0.5-{port}"
+
+
+@given(build=bad_fields)
+def test_every_bad_field_raises_invalid_instance_naming_it(build: object) -> None:
+    with pytest.raises(dc.InvalidInstance) as raised:
+        build("svc")  # type: ignore[operator]
+    assert isinstance(raised.value, ValueError)
+    assert raised.value.field in str(raised.value)
+
+
+def test_instances_are_frozen_and_meta_is_read_only() -> None:
+    inst = dc.ServiceInstance("add", "127.0.0.1", 1, meta={"zone": "a"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inst.port = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        inst.meta["zone"] = "b"  # type: ignore[index]
+
+
+def test_a_single_string_as_tags_is_refused() -> None:
+    with pytest.raises(dc.InvalidInstance, match="tags"):
+        dc.ServiceInstance("add", "127.0.0.1", 1, tags="v1")  # type: ignore[arg-type]
+
+
+def test_target_brackets_ipv6() -> None:
+    assert dc.ServiceInstance("add", "::1", 50051).target == "[::1]:50051"
+    assert dc.ServiceInstance("add", "db.internal", 5).target == "db.internal:5"
+
+
+def test_snapshot_sorts_and_diffs_by_id() -> None:
+    a = dc.ServiceInstance("add", "127.0.0.1", 1, id="a")
+    b = dc.ServiceInstance("add", "127.0.0.1", 2, id="b")
+    b2 = dc.ServiceInstance("add", "127.0.0.1", 3, id="b")
+    c = dc.ServiceInstance("add", "127.0.0.1", 4, id="c")
+    before = dc.Snapshot("add", (b, a), index=1)
+    assert [i.id for i in before.instances] == ["a", "b"]
+    after = dc.Snapshot("add", (c, b2), index=2)
+    diff = after.diff(before)
+    assert (diff.added, diff.removed, diff.changed) == ((c,), (a,), (b2,))
+    assert not before.diff(before)
+    assert after.diff(None).added == (b2, c)
+
+
+def test_a_health_change_is_a_change_and_index_and_staleness_are_not() -> None:
+    a = dc.ServiceInstance("add", "127.0.0.1", 1, id="a")
+    passing = dc.Snapshot("add", (a,), index=1)
+    warning = dc.Snapshot("add", (a,), index=2, health={"a": dc.HealthStatus.WARNING})
+    assert warning.diff(passing).changed == (a,)
+    assert not passing.same_content(warning)
+    assert passing.same_content(dc.Snapshot("add", (a,), index=9, stale=True))
+
+
+def test_checks_validate_and_coerce_initial_status() -> None:
+    check = dc.TtlCheck(ttl=3, initial_status="passing")  # type: ignore[arg-type]
+    assert check.initial_status is dc.HealthStatus.PASSING
+    with pytest.raises(dc.InvalidInstance, match=r"check\.interval"):
+        dc.GrpcCheck(interval=0)
+    with pytest.raises(dc.InvalidInstance, match=r"check\.tls"):
+        dc.GrpcCheck(tls="yes")  # type: ignore[arg-type]
+
+
+def test_invalid_config_never_shows_a_token() -> None:
+    error = dc.InvalidConfig("token", "s3cr3t-token", "bad", backend="consul")
+    assert "s3cr3t" not in str(error)
