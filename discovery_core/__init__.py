@@ -5,6 +5,7 @@ instance, ``watch()`` a service. Importing this package imports no backend.
 """
 
 from discovery_core.backend import Backend, available_backends, connect
+from discovery_core.channel import DiscoveryChannel, RetryPolicy, discovery_channel
 from discovery_core.errors import (
     BackendNotFound,
     BackendUnavailable,
@@ -27,6 +28,7 @@ from discovery_core.model import (
     TtlCheck,
 )
 from discovery_core.registry import Registration, Registry
+from discovery_core.server import Served, serve
 from discovery_core.watcher import Query, Stop, Watch, Watcher
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "BackendUnavailable",
     "Check",
     "ClosedError",
+    "DiscoveryChannel",
     "DiscoveryError",
     "GrpcCheck",
     "HealthStatus",
@@ -46,6 +49,8 @@ __all__ = [
     "Query",
     "Registration",
     "Registry",
+    "RetryPolicy",
+    "Served",
     "ServiceInstance",
     "Snapshot",
     "SnapshotDiff",
@@ -56,4 +61,6 @@ __all__ = [
     "Watcher",
     "available_backends",
     "connect",
+    "discovery_channel",
+    "serve",
 ]

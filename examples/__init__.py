@@ -1,0 +1,1 @@
+"""discovery-core's examples, installed as ``discovery_examples`` (the demo uses them)."""

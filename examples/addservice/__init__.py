@@ -1,0 +1,1 @@
+"""The add service: ``Add(a, b) -> v``, its generated code, a server and a client."""
