@@ -10,10 +10,10 @@ import argparse
 import time
 
 import grpc
-
-import discovery_core as dc
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
 from discovery_examples.addservice.server import SERVICE
+
+import discovery_core as dc
 
 
 def main(argv: list[str] | None = None) -> int:

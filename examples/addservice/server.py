@@ -12,9 +12,9 @@ import logging
 from concurrent import futures
 
 import grpc
+from discovery_examples.addservice import add_pb2, add_pb2_grpc
 
 import discovery_core as dc
-from discovery_examples.addservice import add_pb2, add_pb2_grpc
 
 SERVICE = "add"
 
@@ -33,9 +33,10 @@ class Adder(add_pb2_grpc.AdderServicer):
         return add_pb2.AddReply(v=request.a + request.b)
 
 
-def make_server(adder: Adder, *, workers: int = 8) -> grpc.Server:
-    """A grpc server with the add service on it (not started: ``dc.serve`` does that)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+def make_server(adder: Adder, executor: futures.ThreadPoolExecutor) -> grpc.Server:
+    """A grpc server with the add service on it (not started: ``dc.serve`` does that).
+    grpc never shuts ``executor`` down: its owner does."""
+    server = grpc.server(executor)
     add_pb2_grpc.add_AdderServicer_to_server(adder, server)
     return server
 
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain", type=float, default=1.0, help="seconds between deregistering and stopping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with dc.connect(args.backend) as backend:
+    with dc.connect(args.backend) as backend, futures.ThreadPoolExecutor(max_workers=8) as executor:
         adder = Adder()
-        server = make_server(adder)
+        server = make_server(adder, executor)
         with dc.serve(server, backend, SERVICE, port=args.port, advertise=args.advertise, drain=args.drain) as served:
             adder.name = served.instance.id
             print(f"add service {served.instance.id} at {served.target}; Ctrl-C to stop", flush=True)
