@@ -1,1 +1,345 @@
-"""The Consul backend (being built)."""
+"""The Consul backend: registration through the local agent, watches as blocking queries.
+
+``connect("consul://127.0.0.1:8500?dc=dc1&token_file=/run/consul-token")`` or
+``connect("consul", address="127.0.0.1:8500", token=...)``. Instances go to the local
+agent with their check (gRPC, TTL, HTTP, TCP) in Consul's CamelCase JSON, which every
+Consul from 1.8 on accepts; Consul's agent runs the probes. A watch is a blocking
+query on ``/v1/health/service/<name>``; core's feed keeps the index, dedupes, rate
+limits and backs off. Uses only discovery_core's public API, and py-consul only
+through the adapter in ``_client``.
+
+The catalog does not give an instance's check back: instances in snapshots have
+``check=None``; their health is in ``Snapshot.health``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+from discovery_consul._client import ConsulClient, Settings
+from discovery_core import (
+    Backend,
+    Check,
+    GrpcCheck,
+    HealthStatus,
+    HttpCheck,
+    InvalidConfig,
+    InvalidInstance,
+    Query,
+    ServiceInstance,
+    Snapshot,
+    Stop,
+    TcpCheck,
+    TtlCheck,
+)
+
+__all__ = ["ConsulBackend"]
+
+log = logging.getLogger("discovery_consul")
+
+_DEFAULT_ADDRESS = "127.0.0.1:8500"
+_MAX_WAIT = 600.0  # Consul caps a blocking query's wait at 10 minutes
+_SEVERITY = {HealthStatus.PASSING: 0, HealthStatus.WARNING: 1, HealthStatus.CRITICAL: 2}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m)?\Z")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _go_duration(seconds: float) -> str:
+    """Seconds as a Go duration string: 1.5 -> "1.5s", 0.25 -> "250ms"."""
+    millis = max(round(seconds * 1000), 1)
+    return f"{millis}ms" if millis % 1000 else f"{millis // 1000}s"
+
+
+def _bexpr_string(value: str) -> str:
+    """A string literal for Consul's filter language (its parser takes \\uXXXX but
+    not \\" inside double quotes)."""
+    escaped = []
+    for char in value:
+        if char in '"\\' or not char.isprintable():
+            escaped.append(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def _filter_expression(query: Query) -> str:
+    terms = [f"{_bexpr_string(tag)} in Service.Tags" for tag in query.tags]
+    terms += [f"Service.Meta[{_bexpr_string(key)}] == {_bexpr_string(value)}" for key, value in query.meta]
+    return " and ".join(terms)
+
+
+class ConsulBackend(Backend):
+    """Registrations and watches through a Consul agent (``consul://host:port``).
+
+    Options (keyword arguments or URL query parameters):
+
+    ``address`` host:port of the agent (``CONSUL_HTTP_ADDR``, else 127.0.0.1:8500);
+    ``scheme`` http or https; ``dc`` datacenter to read from; ``token`` or
+    ``token_file`` ACL token (``CONSUL_HTTP_TOKEN`` when neither is given);
+    ``ca_file``, ``cert_file``, ``key_file``, ``verify`` TLS; ``wait`` seconds a
+    blocking query may wait (at most 600); ``stale`` let any server answer reads;
+    ``timeout`` seconds for a plain request (a blocking query gets ``wait`` and its
+    jitter on top).
+    """
+
+    name = "consul"
+    keepalive_interval = 0.5  # a restarted agent gets our instances back within 2 s
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        scheme: str | None = None,
+        dc: str | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        verify: bool | str = True,
+        wait: float | str = 60.0,
+        stale: bool | str = False,
+        timeout: float | str = 10.0,
+    ) -> None:
+        host, port, scheme = _resolve_address(address, scheme)
+        if token is not None and token_file is not None:
+            raise InvalidConfig("token_file", token_file, "give token or token_file, not both", backend=self.name)
+        if token_file is not None:
+            token = _read_token(token_file)
+        elif token is None:
+            token = os.environ.get("CONSUL_HTTP_TOKEN") or None
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise InvalidConfig("token", token, "must be a non-empty string", backend=self.name)
+        for option, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+            if path is not None and not Path(path).is_file():
+                raise InvalidConfig(option, path, "no such file", backend=self.name)
+        if key_file is not None and cert_file is None:
+            raise InvalidConfig("key_file", key_file, "needs cert_file", backend=self.name)
+        if dc is not None and (not isinstance(dc, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", dc)):
+            raise InvalidConfig("dc", dc, "must be a datacenter name", backend=self.name)
+        self.address = f"{host}:{port}"
+        self.dc = dc
+        self.wait = _seconds("wait", wait, maximum=_MAX_WAIT)
+        self.stale = _boolean("stale", stale)
+        self._settings = Settings(
+            host=host,
+            port=port,
+            scheme=scheme,
+            token=token.strip() if token else None,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            verify=_boolean("verify", verify),
+            timeout=_seconds("timeout", timeout, maximum=_MAX_WAIT),
+        )
+        super().__init__()
+        self._client = ConsulClient(self._settings)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """``consul://host:port?dc=...&token_file=...``; an empty host means
+        ``CONSUL_HTTP_ADDR`` (or 127.0.0.1:8500). Keyword options win over the URL's."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.path not in ("", "/") or parts.fragment or parts.username or parts.password:
+            raise InvalidConfig("url", url, "expected consul://host:port?option=value", backend=cls.name)
+        query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+        if parts.netloc:
+            query["address"] = parts.netloc
+        return cls.create(**{**query, **options})
+
+    # -- Registry ---------------------------------------------------------------------
+
+    def add(self, instance: ServiceInstance) -> None:
+        self._check_open()
+        payload: dict[str, Any] = {
+            "ID": instance.id,
+            "Name": instance.name,
+            "Address": instance.address,
+            "Port": instance.port,
+            "Tags": list(instance.tags),
+            "Meta": dict(instance.meta),
+            "Weights": {"Passing": instance.weight, "Warning": 1},
+        }
+        if instance.check is not None:
+            payload["Check"] = _check_definition(instance, instance.check)
+        self._client.register(payload)
+
+    def deregister(self, instance_id: str) -> None:
+        # Unknown ids are fine: Consul 1.8 answers 200 for them.
+        self._client.deregister(instance_id)
+
+    def heartbeat(self, instance_id: str) -> None:
+        self._check_open()
+        self._client.pass_ttl(f"service:{instance_id}")
+
+    def is_registered(self, instance: ServiceInstance) -> bool:
+        self._check_open()
+        return self._client.has_service(instance.id)
+
+    # -- Watcher ----------------------------------------------------------------------
+
+    def poll(self, query: Query, index: int, stop: Stop) -> Snapshot:
+        self._check_open()
+        params: list[tuple[str, str]] = []
+        if index > 0:
+            params += [("index", str(index)), ("wait", _go_duration(self.wait))]
+        if query.passing_only:
+            params.append(("passing", "1"))
+        expression = _filter_expression(query)
+        if expression:
+            params.append(("filter", expression))
+        if self.dc:
+            params.append(("dc", self.dc))
+        if self.stale:
+            params.append(("stale", ""))
+        result = self._client.health(query.service, params, stop=stop)
+        instances: list[ServiceInstance] = []
+        health: dict[str, HealthStatus] = {}
+        for entry in result.entries:
+            instance = _instance(entry)
+            if instance is None or instance.name != query.service:
+                continue
+            instances.append(instance)
+            health[instance.id] = _worst(entry.get("Checks") or [])
+        return Snapshot(query.service, tuple(instances), index=result.index, health=health)
+
+    def _close_resources(self) -> None:
+        self._client.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<ConsulBackend {self._settings.base_url}{f' dc={self.dc}' if self.dc else ''}{state}>"
+
+
+# -- options ------------------------------------------------------------------------
+
+
+def _resolve_address(address: str | None, scheme: str | None) -> tuple[str, int, str]:
+    """host, port and scheme from the option, else ``CONSUL_HTTP_ADDR``, else the default.
+    The address may carry a scheme (``https://host:8501``), as CONSUL_HTTP_ADDR may."""
+    given = address if address is not None else os.environ.get("CONSUL_HTTP_ADDR") or _DEFAULT_ADDRESS
+    option = "address" if address is not None else "CONSUL_HTTP_ADDR"
+    if not isinstance(given, str):
+        raise InvalidConfig(option, given, "must be host:port", backend=ConsulBackend.name)
+    parts = urllib.parse.urlsplit(given if "://" in given else f"//{given}")
+    try:
+        port = parts.port or (8501 if parts.scheme == "https" else 8500)
+    except ValueError:
+        raise InvalidConfig(option, given, "bad port", backend=ConsulBackend.name) from None
+    if not parts.hostname or parts.path or parts.query or parts.username:
+        raise InvalidConfig(option, given, "must be host:port", backend=ConsulBackend.name)
+    resolved = scheme or parts.scheme or "http"
+    if resolved not in ("http", "https"):
+        raise InvalidConfig("scheme", resolved, "must be http or https", backend=ConsulBackend.name)
+    return parts.hostname, port, resolved
+
+
+def _read_token(path: str | os.PathLike[str]) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidConfig("token_file", path, f"cannot be read ({type(exc).__name__})", backend="consul") from None
+    if not token:
+        raise InvalidConfig("token_file", path, "is empty", backend="consul")
+    return token
+
+
+def _boolean(option: str, value: bool | str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE | {""}:
+        return value.lower() in _TRUE or value == ""  # "?stale" alone means on
+    raise InvalidConfig(option, value, "must be true or false", backend="consul")
+
+
+def _seconds(option: str, value: float | str, *, maximum: float) -> float:
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value.strip())):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds is None or not 0 < seconds <= maximum:
+        raise InvalidConfig(
+            option, value, f"must be seconds (or 500ms, 30s, 2m) above 0, at most {maximum:g}", backend="consul"
+        )
+    return seconds
+
+
+# -- checks ---------------------------------------------------------------------------
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _check_definition(instance: ServiceInstance, check: Check) -> dict[str, Any]:
+    """The check as Consul's CamelCase JSON; its id is ``service:<instance id>``."""
+    definition: dict[str, Any] = {
+        "CheckID": f"service:{instance.id}",
+        "Name": f"{instance.name} {type(check).__name__}",
+        "Status": check.initial_status.value,
+    }
+    if check.deregister_after is not None:
+        definition["DeregisterCriticalServiceAfter"] = _go_duration(check.deregister_after)
+    if isinstance(check, TtlCheck):
+        definition["TTL"] = _go_duration(check.ttl)
+        return definition
+    if isinstance(check, GrpcCheck):
+        target = instance.target + (f"/{check.service}" if check.service else "")
+        definition.update(GRPC=target, GRPCUseTLS=check.tls, TLSSkipVerify=check.tls_skip_verify)
+    elif isinstance(check, HttpCheck):
+        scheme = "https" if check.tls else "http"
+        definition["HTTP"] = f"{scheme}://{_host(instance.address)}:{check.port or instance.port}{check.path}"
+        definition["TLSSkipVerify"] = check.tls_skip_verify
+    elif isinstance(check, TcpCheck):
+        definition["TCP"] = f"{_host(instance.address)}:{check.port or instance.port}"
+    else:
+        raise InvalidInstance("check", check, "the Consul backend supports gRPC, TTL, HTTP and TCP checks")
+    definition["Interval"] = _go_duration(check.interval)
+    definition["Timeout"] = _go_duration(check.timeout)
+    return definition
+
+
+# -- snapshots ------------------------------------------------------------------------
+
+
+def _instance(entry: Mapping[str, Any]) -> ServiceInstance | None:
+    """A health entry as a ServiceInstance (``check=None``), or None if it is not one
+    this API can hold (registered by another tool with, say, a repeated tag)."""
+    service = entry.get("Service") or {}
+    node = entry.get("Node") or {}
+    weights = service.get("Weights") or {}
+    try:
+        return ServiceInstance(
+            service.get("Service", ""),
+            service.get("Address") or node.get("Address", ""),
+            service.get("Port", 0),
+            id=service.get("ID", ""),
+            tags=tuple(service.get("Tags") or ()),
+            meta=service.get("Meta") or {},
+            weight=weights.get("Passing") or 1,
+        )
+    except (InvalidInstance, TypeError) as exc:
+        log.warning("skipping Consul service %r: %s", service.get("ID"), exc)
+        return None
+
+
+def _worst(checks: list[Mapping[str, Any]]) -> HealthStatus:
+    """An entry's health: its worst check (critical > warning > passing)."""
+    worst = HealthStatus.PASSING
+    for check in checks:
+        try:
+            status = HealthStatus(str(check.get("Status")))
+        except ValueError:
+            status = HealthStatus.CRITICAL  # "maintenance" and anything unknown
+        if _SEVERITY[status] > _SEVERITY[worst]:
+            worst = status
+    return worst

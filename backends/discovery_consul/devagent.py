@@ -1,0 +1,193 @@
+"""A throwaway ``consul agent -dev`` on free loopback ports, for tests and benchmarks.
+
+Not used by the backend itself: it lets a test suite or ``bench/propagation.py`` run
+against a real agent without Docker, given a ``consul`` binary on PATH (HashiCorp's
+release zip, its apt/yum repository, or a distribution package). The agent can be
+killed and started again on the same ports, which is how a lost agent state looks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+__all__ = ["DevAgent", "DevAgentError", "free_port"]
+
+log = logging.getLogger("discovery_consul.devagent")
+
+_PORT_NAMES = ("http", "dns", "serf_lan", "serf_wan", "server", "grpc")
+
+
+class DevAgentError(RuntimeError):
+    """The agent could not be started (no binary, it exited, it never elected itself)."""
+
+
+def free_port() -> int:
+    """A TCP and UDP port free on 127.0.0.1 right now (serf needs both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+
+
+class DevAgent:
+    """One ``consul agent -dev`` process; ``address`` is its HTTP (or HTTPS) ``host:port``.
+
+    ``hcl`` is extra agent configuration (ACLs, TLS). ``https=True`` adds an HTTPS
+    port and makes ``address`` point at it (the HTTP port stays on for readiness).
+    The log goes to ``log_path`` (a temporary file unless given).
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str = "consul",
+        hcl: str = "",
+        https: bool = False,
+        log_path: str | os.PathLike[str] | None = None,
+        start_timeout: float = 30.0,
+        token: str | None = None,
+    ) -> None:
+        found = shutil.which(binary)
+        if found is None:
+            raise DevAgentError(f"no {binary!r} on PATH")
+        self.binary = found
+        self.ports = {name: free_port() for name in _PORT_NAMES}
+        self.https_port = free_port() if https else None
+        self.hcl = hcl
+        self.start_timeout = start_timeout
+        self._token = token
+        self._tmp = tempfile.TemporaryDirectory(prefix="consul-dev-")
+        self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / "consul.log"
+        self._log: IO[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        port = self.https_port if self.https_port is not None else self.ports["http"]
+        return f"127.0.0.1:{port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.ports['http']}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _command(self) -> list[str]:
+        ports = self.ports
+        command = [
+            self.binary,
+            "agent",
+            "-dev",
+            "-bind=127.0.0.1",
+            "-client=127.0.0.1",
+            f"-http-port={ports['http']}",
+            f"-dns-port={ports['dns']}",
+            f"-serf-lan-port={ports['serf_lan']}",
+            f"-serf-wan-port={ports['serf_wan']}",
+            f"-server-port={ports['server']}",
+            f"-grpc-port={ports['grpc']}",
+        ]
+        if self.https_port is not None:
+            command.append(f"-hcl=ports {{ https = {self.https_port} }}")
+        if self.hcl:
+            command.append(f"-hcl={self.hcl}")
+        return command
+
+    def start(self) -> None:
+        """Start the agent and wait until it has elected itself leader."""
+        if self.running:
+            return
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            self._command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        url = f"http://{self.http_address}/v1/status/leader"
+        request = urllib.request.Request(url, headers={"X-Consul-Token": self._token} if self._token else {})
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                raise DevAgentError(f"consul exited at start; its log:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(request, timeout=1) as response:
+                if json.loads(response.read()):
+                    return
+            time.sleep(0.05)  # polling a process we started; no event to wait on
+        raise DevAgentError(f"consul elected no leader within {self.start_timeout} s; its log:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """Kill the agent at once (SIGKILL): a -dev agent loses all its state."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+            self._process.wait(timeout=10)
+        self._close_log()
+
+    def stop(self) -> None:
+        """Stop the agent (SIGTERM, then SIGKILL after 10 s)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=10)
+        self._close_log()
+
+    def restart(self) -> None:
+        """Kill and start again on the same ports, with no state."""
+        self.kill()
+        self.start()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DevAgent {self.address} {'running' if self.running else 'stopped'}>"
