@@ -227,7 +227,17 @@ def health_verdict(status: int) -> str:
     return _READY if status == health_pb2.HealthCheckResponse.SERVING else _DOWN
 
 
-class _Backoff:
+def health_after_error(code: grpc.StatusCode | None) -> str:
+    """An endpoint's state once its health watch failed with ``code``: no health
+    service (UNIMPLEMENTED) counts as serving, for good; CANCELLED means a failed call
+    marked it down and restarted the watch (connecting: re-watch at once); anything
+    else is down until a new watch says otherwise."""
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return _READY
+    return _CONNECTING if code is grpc.StatusCode.CANCELLED else _DOWN
+
+
+class Backoff:
     """Delay before re-opening a failed health watch: doubles up to a cap, jittered."""
 
     def __init__(self) -> None:
@@ -423,6 +433,7 @@ class _SyncPool(Pool[grpc.Channel]):
         self._credentials = credentials
         self._options = list(options)
         self._threads: list[threading.Thread] = []
+        self._closing = threading.Event()  # wakes health threads sleeping between watches
 
     def open(self, instance: ServiceInstance) -> grpc.Channel:
         if self._credentials is not None:
@@ -452,8 +463,7 @@ class _SyncPool(Pool[grpc.Channel]):
     def _watch_health(self, endpoint: _Endpoint[grpc.Channel]) -> None:
         watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
         request = health_pb2.HealthCheckRequest(service=health_service_name(endpoint.instance))
-        backoff = _Backoff()
-        wake = threading.Event()
+        backoff = Backoff()
         while not endpoint.retired:
             try:
                 with self.lock:
@@ -468,21 +478,19 @@ class _SyncPool(Pool[grpc.Channel]):
             except grpc.RpcError as error:
                 if endpoint.retired:
                     return
-                code = error.code() if isinstance(error, grpc.Call) else None
-                if code is grpc.StatusCode.UNIMPLEMENTED:
+                state = health_after_error(error.code() if isinstance(error, grpc.Call) else None)
+                if state == _READY:
                     log.info("%s has no health service: treated as serving", endpoint.instance.id)
                     with self.lock:
                         self.set_state(endpoint, _READY)
                     return
-                # CANCELLED after a failed call marked it down: re-watch at once.
-                state = _CONNECTING if code is grpc.StatusCode.CANCELLED else _DOWN
             except ValueError:  # the channel was closed under the stream
                 return
             with self.lock:
                 if endpoint.state != _DOWN or state != _CONNECTING:
                     self.set_state(endpoint, state)
-            if state == _DOWN:
-                wake.wait(backoff.next())
+            if state == _DOWN and self._closing.wait(backoff.next()):
+                return
 
     def mark_down(self, endpoint: _Endpoint[grpc.Channel]) -> None:
         """A call found the endpoint unreachable: drop it now and re-check its health."""
@@ -501,14 +509,38 @@ class _SyncPool(Pool[grpc.Channel]):
             return self.picker
 
     def join(self, timeout: float) -> None:
+        self._closing.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _waits(picker: Picker[Any], wait_for_ready: bool | None) -> bool:
-    """Whether a call without a ready endpoint waits (rather than failing fast)."""
+def waits(picker: Picker[Any], wait_for_ready: bool | None) -> bool:
+    """Whether a call without a ready endpoint waits (rather than failing fast): with
+    ``wait_for_ready``, or while some endpoint's health is still unknown."""
     return bool(wait_for_ready) or picker.connecting
+
+
+def usable(wait_for_ready: bool | None) -> Callable[[Picker[Any]], bool]:
+    """What a waiting call waits for: a ready endpoint, or a reason to stop waiting."""
+    return lambda picker: bool(picker.ready) or not waits(picker, wait_for_ready)
+
+
+def deadline_of(attempts: Attempts | None, timeout: float | None) -> float | None:
+    if attempts is not None:
+        return attempts.deadline
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def unpicked(
+    pool: Pool[Any], picker: Picker[Any], wait_for_ready: bool | None, *, waited: bool
+) -> tuple[grpc.StatusCode, str]:
+    """The status of a call that found no endpoint (ClosedError if the channel is closed)."""
+    if pool.closed:
+        raise ClosedError("the discovery channel is closed", service=pool.service)
+    if waited and waits(picker, wait_for_ready):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"{picker.why_none()} (deadline exceeded while waiting)"
+    return _UNAVAILABLE, picker.why_none()
 
 
 class _Call:
@@ -541,27 +573,19 @@ class _Call:
         return target
 
     def _pick(self, attempts: Attempts | None, wait_for_ready: bool | None, timeout: float | None) -> _Endpoint[Any]:
-        picker = self._pool.picker
+        pool = self._pool
+        picker = pool.picker
         endpoint = picker.pick() if attempts is None else picker.pick_other(attempts.tried)
         if endpoint is not None:
             return endpoint
-        if self._pool.closed:
-            raise ClosedError("the discovery channel is closed", service=self._pool.service)
-        if _waits(picker, wait_for_ready):
-            deadline = (
-                attempts.deadline if attempts is not None else (None if timeout is None else time.monotonic() + timeout)
-            )
-            picker = self._pool.wait(lambda p: bool(p.ready) or not _waits(p, wait_for_ready), deadline)
+        waited = waits(picker, wait_for_ready) and not pool.closed
+        if waited:
+            picker = pool.wait(usable(wait_for_ready), deadline_of(attempts, timeout))
             endpoint = picker.pick()
             if endpoint is not None:
                 return endpoint
-            if self._pool.closed:
-                raise ClosedError("the discovery channel is closed", service=self._pool.service)
-            if wait_for_ready or picker.connecting:
-                raise NoInstanceError(
-                    f"{picker.why_none()} (deadline exceeded waiting)", grpc.StatusCode.DEADLINE_EXCEEDED
-                )
-        raise NoInstanceError(picker.why_none())
+        code, details = unpicked(pool, picker, wait_for_ready, waited=waited)
+        raise NoInstanceError(details, code)
 
     def _start(self, wait_for_ready: bool | None, timeout: float | None) -> _Endpoint[Any]:
         endpoint = self._pick(None, wait_for_ready, timeout)

@@ -1,0 +1,625 @@
+"""The asyncio (``grpc.aio``) side: ``serve()`` for aio servers and a discovery
+``grpc.aio.Channel``.
+
+The decisions are the sync module's (``server._plan``; ``channel.Pool``, pickers,
+``Attempts``, health verdicts); only the I/O is async. The watch feeds snapshots on
+its own thread: they are handed to the event loop, which owns the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from discovery_core.channel import (
+    _CONNECTING,
+    _DOWN,
+    _READY,
+    Attempts,
+    Backoff,
+    Picker,
+    Pool,
+    RetryPolicy,
+    _Endpoint,
+    connectivity,
+    deadline_of,
+    health_after_error,
+    health_service_name,
+    health_verdict,
+    never_sent,
+    unpicked,
+    usable,
+    waits,
+)
+from discovery_core.errors import InvalidConfig
+from discovery_core.model import Check, ServiceInstance, Snapshot
+from discovery_core.registry import Registration, Registry
+from discovery_core.server import NOT_SERVING, SERVING, _has_health_service, _Plan, _plan
+from discovery_core.watcher import Watch, Watcher
+
+__all__ = ["AioDiscoveryChannel", "AioServed", "discovery_channel", "serve"]
+
+log = logging.getLogger("discovery_core.aio")
+
+
+# -- server -------------------------------------------------------------------------------
+
+
+class AioServed:
+    """A served grpc.aio instance; ``await stop()`` or ``async with``."""
+
+    def __init__(self, server: grpc.aio.Server, plan: _Plan, port: int, health: Any, *, owns_health: bool) -> None:
+        self.server = server
+        self.port = port
+        self.health = health
+        self.instance = plan.instance(port)
+        self.registration: Registration | None = None
+        self._plan = plan
+        self._owns_health = owns_health
+        self._stopping: asyncio.Task[None] | None = None
+        self._signals: list[int] = []
+
+    @property
+    def target(self) -> str:
+        return self.instance.target
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip the service's grpc.health.v1 status."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", self._plan.service):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
+        """NOT_SERVING, deregister, wait ``drain`` seconds, ``server.stop(grace)``. Idempotent."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace, drain))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None, drain: float | None) -> None:
+        self._remove_signals()
+        if self._owns_health:
+            await self.health.enter_graceful_shutdown()
+        else:
+            await self.set_serving(False)
+        if self.registration is not None:
+            await asyncio.to_thread(self.registration.deregister)
+        wait = self._plan.drain if drain is None else drain
+        if wait > 0:
+            log.info("%s: draining %.1f s before stopping", self.instance.id, wait)
+            await asyncio.sleep(wait)
+        await self.server.stop(self._plan.grace if grace is None else grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Wait until the server stopped; True means the timeout passed first (as grpc)."""
+        return await self.server.wait_for_termination(timeout)
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.stop()))
+            self._signals.append(signum)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self._signals:
+            loop.remove_signal_handler(signum)
+        self._signals.clear()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def serve(
+    server: grpc.aio.Server,
+    registry: Registry,
+    service: str,
+    *,
+    port: int = 0,
+    host: str = "[::]",
+    advertise: str | None = None,
+    check: Check | bool | None = True,
+    tags: tuple[str, ...] = (),
+    meta: Mapping[str, str] | None = None,
+    weight: int = 1,
+    instance_id: str = "",
+    health_servicer: Any = None,
+    drain: float = 1.0,
+    grace: float = 5.0,
+    handle_signals: bool = True,
+) -> AioServed:
+    """``discovery_core.serve`` for a ``grpc.aio.Server`` (same arguments; the health
+    servicer is grpc_health's asyncio one). Registry calls run in a worker thread."""
+    plan = _plan(
+        service, port=port, host=host, advertise=advertise, check=check, tags=tags, meta=meta,
+        weight=weight, instance_id=instance_id, drain=drain, grace=grace,
+    )  # fmt: skip
+    owns_health = health_servicer is None
+    if health_servicer is None:
+        if _has_health_service(server):
+            raise InvalidConfig(
+                "health_servicer", None, "the server already has a grpc.health.v1 service: pass its servicer"
+            )
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(plan.bind)
+    if bound == 0:
+        raise InvalidConfig("port", port, f"cannot bind {plan.bind}")
+    await server.start()
+    served = AioServed(server, plan, bound, health_servicer, owns_health=owns_health)
+    await served.set_serving(True)
+    try:
+        served.registration = await asyncio.to_thread(registry.register, served.instance)
+    except BaseException:
+        await server.stop(0)
+        raise
+    if handle_signals:
+        served._install_signals()
+    log.info("serving %s at %s", service, served.target)
+    return served
+
+
+# -- channel ------------------------------------------------------------------------------
+
+
+class _AioPool(Pool[grpc.aio.Channel]):
+    """Endpoints on grpc.aio channels; everything runs on the loop, health by a task each."""
+
+    def __init__(
+        self,
+        service: str,
+        policy: str,
+        *,
+        health_check: bool,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        super().__init__(service, policy, health_check=health_check)
+        self._credentials = credentials
+        self._options = list(options)
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def open(self, instance: ServiceInstance) -> grpc.aio.Channel:
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(instance.target, self._credentials, self._options)
+        return grpc.aio.insecure_channel(instance.target, self._options)
+
+    def release(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
+        self._spawn(endpoint.channel.close(None))
+
+    def monitor(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
+        endpoint.monitor = self._spawn(self._watch_health(endpoint))
+
+    def unmonitor(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
+        endpoint.monitor.cancel()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def mark_down(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
+        """A call found the endpoint unreachable: drop it now and re-check its health."""
+        self.set_state(endpoint, _DOWN)
+        if not endpoint.retired:
+            self.unmonitor(endpoint)
+            self.monitor(endpoint)
+
+    async def wait(self, accept: Callable[[Picker[Any]], bool], deadline: float | None) -> Picker[grpc.aio.Channel]:
+        while not accept(self.picker) and not self.closed:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.picker
+
+    async def _watch_health(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
+        watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
+        request = health_pb2.HealthCheckRequest(service=health_service_name(endpoint.instance))
+        backoff = Backoff()
+        while not endpoint.retired:
+            state = _DOWN
+            try:
+                async for reply in watch(request):
+                    backoff.reset()
+                    self.set_state(endpoint, health_verdict(reply.status))
+            except grpc.aio.AioRpcError as error:
+                state = health_after_error(error.code())
+                if state == _READY:
+                    log.info("%s has no health service: treated as serving", endpoint.instance.id)
+                    self.set_state(endpoint, _READY)
+                    return
+            if endpoint.state != _DOWN or state != _CONNECTING:
+                self.set_state(endpoint, state)
+            if state == _DOWN:
+                await asyncio.sleep(backoff.next())
+
+    async def aclose(self, grace: float | None) -> None:
+        endpoints = self.close_all()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(ep.channel.close(grace) for ep in endpoints), return_exceptions=True)
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+class _AioCall:
+    """What every multicallable of the aio discovery channel shares: the pick."""
+
+    def __init__(
+        self,
+        channel: AioDiscoveryChannel,
+        kind: str,
+        method: str,
+        request_serializer: Callable[..., Any] | None,
+        response_deserializer: Callable[..., Any] | None,
+    ) -> None:
+        self._pool = channel._pool
+        self._kind = kind
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+        retry = channel._retry
+        self._retry = retry if retry is not None and retry.applies(method) else None
+
+    def _target(self, endpoint: _Endpoint[grpc.aio.Channel]) -> Any:
+        target = endpoint.calls.get(self)
+        if target is None:
+            factory = getattr(endpoint.channel, self._kind)
+            target = endpoint.calls[self] = factory(
+                self._method, self._serializer, self._deserializer, _registered_method=True
+            )
+        return target
+
+    async def _pick(
+        self, attempts: Attempts, wait_for_ready: bool | None, timeout: float | None
+    ) -> _Endpoint[grpc.aio.Channel]:
+        pool = self._pool
+        picker = pool.picker
+        endpoint = picker.pick_other(attempts.tried)
+        if endpoint is not None:
+            return endpoint
+        waited = waits(picker, wait_for_ready) and not pool.closed
+        if waited:
+            picker = await pool.wait(usable(wait_for_ready), deadline_of(attempts, timeout))
+            endpoint = picker.pick()
+            if endpoint is not None:
+                return endpoint
+        raise _error(*unpicked(pool, picker, wait_for_ready, waited=waited))
+
+    def _pick_now(self, wait_for_ready: bool | None) -> _Endpoint[grpc.aio.Channel]:
+        """Streams pick when the call is made: a ready endpoint or an error at once."""
+        picker = self._pool.picker
+        endpoint = picker.pick()
+        if endpoint is None:
+            raise _error(*unpicked(self._pool, picker, wait_for_ready, waited=False))
+        return endpoint
+
+    def _stream(self, request: Any, kwargs: dict[str, Any]) -> Any:
+        endpoint = self._pick_now(kwargs.get("wait_for_ready"))
+        endpoint.begin()
+        try:
+            call = self._target(endpoint)(request, **kwargs)
+        except BaseException:
+            self._pool.finished(endpoint)
+            raise
+        call.add_done_callback(lambda _: self._pool.finished(endpoint))
+        return call
+
+
+if TYPE_CHECKING:
+    _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall[Any, Any]
+else:
+    _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall
+
+
+class _UnaryUnaryCall(_UnaryUnaryCallBase):
+    """One unary call: picks, retries on another instance when allowed, and answers
+    ``code()``/metadata from the attempt that settled it."""
+
+    def __init__(self, multicallable: _AioUnaryUnary, request: Any, kwargs: dict[str, Any]) -> None:
+        self._multicallable = multicallable
+        self._call: Any = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._task = asyncio.ensure_future(self._run(request, kwargs))
+
+    async def _run(self, request: Any, kwargs: dict[str, Any]) -> Any:
+        mc = self._multicallable
+        pool = mc._pool
+        wait_for_ready = kwargs.get("wait_for_ready")
+        attempts = Attempts(kwargs.get("timeout"), mc._retry)
+        try:
+            endpoint = await mc._pick(attempts, wait_for_ready, kwargs.get("timeout"))
+            while True:
+                endpoint.begin()
+                try:
+                    self._call = mc._target(endpoint)(request, **kwargs)
+                    return await self._call
+                except grpc.aio.AioRpcError as error:
+                    code, details = error.code(), error.details()
+                    if never_sent(code, details):
+                        pool.mark_down(endpoint)
+                    if not attempts.again(endpoint, code, details):
+                        raise
+                finally:
+                    pool.finished(endpoint)
+                if attempts.deadline is not None:
+                    kwargs["timeout"] = max(attempts.remaining() or 0.0, 0.001)
+                endpoint = await mc._pick(attempts, wait_for_ready, kwargs.get("timeout"))
+        except grpc.aio.AioRpcError as error:
+            self._error = error
+            raise
+
+    def __await__(self) -> Any:
+        return self._task.__await__()
+
+    async def _settled(self) -> Any:
+        await asyncio.wait([self._task])
+        return self._call
+
+    def cancelled(self) -> bool:
+        return self._task.cancelled()
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining() if self._call is not None else None
+
+    def cancel(self) -> bool:
+        if self._call is not None:
+            self._call.cancel()
+        return self._task.cancel()
+
+    def add_done_callback(self, callback: Any) -> None:
+        self._task.add_done_callback(lambda _: callback(self))
+
+    async def initial_metadata(self) -> Any:
+        call = await self._settled()
+        return grpc.aio.Metadata() if self._error is not None or call is None else await call.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        call = await self._settled()
+        if self._error is not None:
+            return self._error.trailing_metadata()
+        return grpc.aio.Metadata() if call is None else await call.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        call = await self._settled()
+        if self._error is not None:
+            return self._error.code()
+        return grpc.StatusCode.CANCELLED if call is None else await call.code()
+
+    async def details(self) -> str:
+        call = await self._settled()
+        if self._error is not None:
+            return self._error.details() or ""
+        return "" if call is None else str(await call.details())
+
+    async def wait_for_connection(self) -> None:
+        await self._settled()
+
+
+class _AioUnaryUnary(_AioCall, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return _UnaryUnaryCall(self, request, kwargs)
+
+
+class _AioUnaryStream(_AioCall, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._stream(request, kwargs)
+
+
+class _AioStreamUnary(_AioCall, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[type-arg]
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._stream(request_iterator, kwargs)
+
+
+class _AioStreamStream(_AioCall, grpc.aio.StreamStreamMultiCallable):  # type: ignore[type-arg]
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        kwargs = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._stream(request_iterator, kwargs)
+
+
+class AioDiscoveryChannel(grpc.aio.Channel):
+    """A ``grpc.aio.Channel`` over a service's healthy instances.
+
+    Unary-unary calls pick (and wait, retry) when awaited; streaming calls pick when
+    made and fail at once if no instance is ready. ``await close()`` (or ``async
+    with``) unsubscribes from the watch and closes every endpoint.
+    """
+
+    def __init__(self, watch: Watch, pool: _AioPool, *, retry: RetryPolicy | None) -> None:
+        self._watch = watch
+        self._pool = pool
+        self._retry = retry
+        self._loop = asyncio.get_running_loop()
+        self._unsubscribe = watch.subscribe(self._on_snapshot)
+
+    @property
+    def service(self) -> str:
+        return self._pool.service
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._pool.apply, snapshot)
+        except RuntimeError:  # the loop is closed: the channel went with it
+            log.debug("%s: snapshot after the event loop closed", self.service)
+
+    def instances(self) -> dict[str, str]:
+        """Each endpoint's instance id and state, for diagnostics and tests."""
+        return {inst_id: ep.state for inst_id, ep in self._pool.endpoints.items()}
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[..., Any] | None = None,
+        response_deserializer: Callable[..., Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioUnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[..., Any] | None = None,
+        response_deserializer: Callable[..., Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioUnaryStream(self, "unary_stream", method, request_serializer, response_deserializer)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[..., Any] | None = None,
+        response_deserializer: Callable[..., Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioStreamUnary(self, "stream_unary", method, request_serializer, response_deserializer)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[..., Any] | None = None,
+        response_deserializer: Callable[..., Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioStreamStream(self, "stream_stream", method, request_serializer, response_deserializer)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return connectivity(self._pool.picker)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._pool.wait(lambda p: connectivity(p) is not last_observed_state, None)
+
+    async def channel_ready(self) -> None:
+        """Wait until some instance is ready."""
+        await self._pool.wait(lambda p: bool(p.ready), None)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Unsubscribe from the watch, close every endpoint. Idempotent."""
+        self._unsubscribe()
+        self._watch.close()
+        if not self._pool.closed:
+            await self._pool.aclose(grace)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AioDiscoveryChannel {self.service!r} {connectivity(self._pool.picker).name}>"
+
+
+def discovery_channel(
+    watcher: Watcher,
+    service: str,
+    *,
+    policy: str = "round_robin",
+    retry: RetryPolicy | None = None,
+    health_check: bool = True,
+    tags: tuple[str, ...] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> AioDiscoveryChannel:
+    """``discovery_core.discovery_channel`` for asyncio; call it inside the event loop."""
+    pool = _AioPool(service, policy, health_check=health_check, credentials=credentials, options=options)
+    watch = watcher.watch(service, tags=tags)
+    try:
+        return AioDiscoveryChannel(watch, pool, retry=retry)
+    except BaseException:
+        watch.close()
+        raise
