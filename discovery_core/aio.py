@@ -329,7 +329,7 @@ class _AioCall:
         endpoint = self._pick_now(kwargs.get("wait_for_ready"))
         endpoint.begin()
         try:
-            call = self._target(endpoint)(request, **kwargs)
+            call = self._target(endpoint)(request, **{**kwargs, "wait_for_ready": None})
         except BaseException:
             self._pool.finished(endpoint)
             raise
@@ -356,7 +356,7 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
     async def _run(self, request: Any, kwargs: dict[str, Any]) -> Any:
         mc = self._multicallable
         pool = mc._pool
-        wait_for_ready = kwargs.get("wait_for_ready")
+        wait_for_ready = kwargs.pop("wait_for_ready")  # the channel's to honour (see discovery_core.channel)
         attempts = Attempts(kwargs.get("timeout"), mc._retry)
         try:
             endpoint = await mc._pick(attempts, wait_for_ready, kwargs.get("timeout"))

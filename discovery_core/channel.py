@@ -12,6 +12,10 @@ Health per endpoint comes from a grpc.health.v1 ``Watch`` stream on that endpoin
 own channel: an instance that says NOT_SERVING (or whose connection breaks) leaves the
 picker at once, well before the backend's next check.
 
+``wait_for_ready`` is the channel's: a call waits for *an instance* to be ready; the
+call on the chosen endpoint itself fails fast, so a dead endpoint costs a transparent
+retry elsewhere rather than the call's whole deadline.
+
 The pool, pickers, retry rules and health verdicts are shared with the asyncio
 channel in ``discovery_core.aio``; only the I/O differs.
 """
@@ -652,7 +656,7 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
         """A future on one instance (no retries: the caller owns the outcome)."""
         endpoint = self._start(wait_for_ready, timeout)
         try:
-            call = self._target(endpoint).future(request, timeout, metadata, credentials, wait_for_ready, compression)
+            call = self._target(endpoint).future(request, timeout, metadata, credentials, None, compression)
         except BaseException:
             self._pool.finished(endpoint)
             raise
@@ -682,8 +686,8 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
             try:
                 target = self._target(endpoint)
                 if with_call:
-                    return target.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
-                return target(request, timeout, metadata, credentials, wait_for_ready, compression)
+                    return target.with_call(request, timeout, metadata, credentials, None, compression)
+                return target(request, timeout, metadata, credentials, None, compression)
             except grpc.RpcError as error:
                 if not isinstance(error, grpc.Call):
                     raise
@@ -719,7 +723,7 @@ class _UnaryStream(_Call, _UnaryStreamBase):
     ) -> Any:
         endpoint = self._start(wait_for_ready, timeout)
         try:
-            call = self._target(endpoint)(request, timeout, metadata, credentials, wait_for_ready, compression)
+            call = self._target(endpoint)(request, timeout, metadata, credentials, None, compression)
         except BaseException:
             self._pool.finished(endpoint)
             raise
@@ -736,10 +740,11 @@ class _StreamUnary(_Call, _StreamUnaryBase):
         super().__init__(channel, "stream_unary", *args)
 
     def _run(self, how: str, request_iterator: Iterator[Any], *args: Any) -> Any:
-        timeout, wait_for_ready = args[0], args[3]
+        timeout, metadata, credentials, wait_for_ready, compression = args
         endpoint = self._start(wait_for_ready, timeout)
         try:
-            result = getattr(self._target(endpoint), how)(request_iterator, *args)
+            target = getattr(self._target(endpoint), how)
+            result = target(request_iterator, timeout, metadata, credentials, None, compression)
         except BaseException:
             self._pool.finished(endpoint)
             raise
@@ -800,7 +805,7 @@ class _StreamStream(_Call, _StreamStreamBase):
     ) -> Any:
         endpoint = self._start(wait_for_ready, timeout)
         try:
-            call = self._target(endpoint)(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+            call = self._target(endpoint)(request_iterator, timeout, metadata, credentials, None, compression)
         except BaseException:
             self._pool.finished(endpoint)
             raise

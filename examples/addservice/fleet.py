@@ -1,0 +1,188 @@
+"""A fleet of in-process add-service instances and a client load on them.
+
+The demo, the failover benchmark and the tests tell the same story with these: start
+instances, drain one, kill one, flip one's health, and measure per event how long the
+client's traffic took to follow and how many calls failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from discovery_examples.addservice import add_pb2, add_pb2_grpc
+from discovery_examples.addservice.server import SERVICE, Adder, make_server
+
+import discovery_core as dc
+
+
+@dataclass
+class Instance:
+    """One add-service instance of the fleet."""
+
+    name: str
+    adder: Adder
+    executor: futures.ThreadPoolExecutor
+    served: dc.Served
+    killed: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.served.instance.id
+
+
+class Fleet:
+    """Add-service instances on ephemeral ports of 127.0.0.1, registered in ``registry``."""
+
+    def __init__(self, registry: dc.Registry, *, drain: float = 0.5, grace: float = 2.0, workers: int = 8) -> None:
+        self.registry = registry
+        self.drain_seconds = drain
+        self.grace = grace
+        self.workers = workers
+        self.instances: list[Instance] = []
+        self._names = (f"add-{n}" for n in itertools.count(1))
+
+    def start(self) -> Instance:
+        name = next(self._names)
+        adder = Adder(name)
+        executor = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name)
+        served = dc.serve(
+            make_server(adder, executor),
+            self.registry,
+            SERVICE,
+            advertise="127.0.0.1",
+            instance_id=name,
+            drain=self.drain_seconds,
+            grace=self.grace,
+            handle_signals=False,
+        )
+        instance = Instance(name, adder, executor, served)
+        self.instances.append(instance)
+        return instance
+
+    def drain(self, instance: Instance) -> None:
+        """Leave gracefully: NOT_SERVING, deregister, drain, stop."""
+        instance.served.stop()
+        instance.executor.shutdown(wait=False)
+
+    def kill(self, instance: Instance) -> None:
+        """Stop at once without deregistering, as a crashed process would."""
+        instance.killed = True
+        instance.served.server.stop(0).wait()
+
+    def flip(self, instance: Instance, serving: bool) -> None:
+        instance.served.set_serving(serving)
+
+    def live(self) -> list[Instance]:
+        return [i for i in self.instances if not i.killed and i.served.wait_for_termination(0)]
+
+    def close(self) -> None:
+        """Stop everything; a killed instance's registration is removed now."""
+        for instance in self.instances:
+            if instance.killed and instance.served.registration is not None:
+                instance.served.registration.deregister()
+            instance.served.stop(grace=0, drain=0)
+            instance.executor.shutdown(wait=True)
+        self.instances.clear()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened to the fleet at ``at`` (monotonic seconds), for measuring."""
+
+    label: str
+    instance: str
+    at: float
+    kind: str  # "leave": traffic should stop reaching it; "join": traffic should reach it
+
+
+@dataclass
+class Outcome:
+    label: str
+    follow: float | None  # seconds until traffic followed; None: it never did
+    failed: int
+
+
+@dataclass
+class Load:
+    """Calls Add in a loop on ``threads`` threads, recording who answered each call."""
+
+    channel: grpc.Channel
+    threads: int = 2
+    timeout: float = 2.0
+    wait_for_ready: bool = False
+    records: list[tuple[float, str | None, str]] = field(default_factory=list)  # (t, instance, code)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Load:
+        for n in range(self.threads):
+            worker = threading.Thread(target=self._run, name=f"add-load-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join()
+
+    def _run(self) -> None:
+        add = add_pb2_grpc.AdderStub(self.channel).Add
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                reply, call = add.with_call(
+                    add_pb2.AddRequest(a=n, b=1), timeout=self.timeout, wait_for_ready=self.wait_for_ready
+                )
+                answered = dict(call.trailing_metadata() or ()).get("instance")
+                record = (time.monotonic(), str(answered), "OK" if reply.v == n + 1 else "WRONG")
+            except grpc.RpcError as error:
+                code = error.code().name if isinstance(error, grpc.Call) else "UNKNOWN"
+                record = (time.monotonic(), None, code)
+            with self._lock:
+                self.records.append(record)
+
+    def snapshot(self) -> list[tuple[float, str | None, str]]:
+        with self._lock:
+            return list(self.records)
+
+    def counts(self, since: float = 0.0) -> Counter[str]:
+        """Calls answered per instance since ``since``; failures under "failed"."""
+        return Counter(who or "failed" for t, who, code in self.snapshot() if t >= since and code != "WRONG")
+
+    def failures(self) -> int:
+        return sum(1 for _, who, code in self.snapshot() if code != "OK")
+
+    def wait_for(self, kind: str, instance: str, *, since: float, timeout: float) -> bool:
+        """Wait until ``instance`` answered a call after ``since`` ("join"), or has
+        answered none for a while after ``since`` ("leave"); False at the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            outcome = self.outcome(Event(kind, instance, since, kind), until=time.monotonic())
+            if outcome.follow is not None:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def outcome(self, event: Event, until: float, *, quiet: float = 0.3) -> Outcome:
+        """Time to follow ``event`` and the calls failed between it and ``until``.
+
+        leave: from the event to the last call the instance answered (followed once it
+        has answered nothing for ``quiet`` seconds). join: to the first call it answered.
+        """
+        window = [r for r in self.snapshot() if event.at <= r[0] <= until]
+        failed = sum(1 for _, _, code in window if code != "OK")
+        mine = [t for t, who, _ in window if who == event.instance]
+        if event.kind == "join":
+            return Outcome(event.label, mine[0] - event.at if mine else None, failed)
+        last = max([event.at, *mine, *(t for t, _, code in window if code != "OK")])
+        followed = until - last >= quiet and any(t > last for t, who, _ in window if who)
+        return Outcome(event.label, last - event.at if followed else None, failed)
