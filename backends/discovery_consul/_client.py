@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,8 @@ from discovery_core import BackendUnavailable, DiscoveryError, PermissionDenied,
 __all__ = ["ConsulClient", "HealthResult", "Settings"]
 
 _T = TypeVar("_T")
+
+_UNAVAILABLE = re.compile(r"^50[234]\b|No cluster leader|No known Consul servers|rpc error|connection refused", re.I)
 
 log = logging.getLogger("discovery_consul")
 
@@ -236,8 +239,12 @@ class ConsulClient:
         if isinstance(exc, consul.exceptions.ClientError | consul.exceptions.NotFound):
             raise DiscoveryError(f"{where} answered {text}") from exc
         if isinstance(exc, consul.exceptions.ConsulException):
-            # 5xx: no leader, an RPC error, an agent shutting down.
-            raise BackendUnavailable(f"{where} failed: {text}") from exc
+            # Consul answers 500 for client mistakes too (an unknown dc, a check
+            # without a TTL): only a missing leader or server, or a proxy's 502-504,
+            # means it is unavailable.
+            if _UNAVAILABLE.search(text):
+                raise BackendUnavailable(f"{where} cannot serve: {text}") from exc
+            raise DiscoveryError(f"{where} failed: {text}") from exc
         if isinstance(exc, requests.exceptions.SSLError) or _caused_by(exc, ssl.SSLError):
             hint = "" if self._settings.ca_file else "; is the agent's CA given (ca_file=)?"
             raise BackendUnavailable(f"TLS with {where} failed: {_reason(exc)}{hint}") from exc

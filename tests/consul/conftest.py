@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import pytest
 import trustme
-
 from discovery_consul.devagent import DevAgent, DevAgentError
 
 ADDRESS_VARIABLE = "DISCOVERY_TEST_CONSUL_ADDR"
