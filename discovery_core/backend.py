@@ -67,7 +67,8 @@ class Backend(Registry, Watcher):
         for option, value in options.items():
             if option not in known:
                 reason = f"unknown option; known: {', '.join(known) or 'none'}"
-                raise InvalidConfig(option, value, reason, backend=cls.name)
+                # Never echo the value: a misspelled "token" option would show the secret.
+                raise InvalidConfig(option, "(value not shown)", reason, backend=cls.name)
         return cls(**options)
 
     def close(self) -> None:
