@@ -205,8 +205,10 @@ class Served:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # A handler runs between bytecodes of the main thread: never block it.
+        # Runs in the main thread between bytecodes: never block it. The previous
+        # handlers come back at once, so a second Ctrl-C interrupts as usual.
         log.info("%s: signal %d, stopping", self.instance.id, signum)
+        self._restore_signals()
         threading.Thread(target=self.stop, name=f"discovery-serve-stop:{self.instance.id}", daemon=True).start()
 
     def _restore_signals(self) -> None:

@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -19,6 +20,16 @@ from discovery_examples.addservice import add_pb2, add_pb2_grpc
 from discovery_examples.addservice.server import SERVICE, Adder, make_server
 
 import discovery_core as dc
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 @dataclass

@@ -1,0 +1,291 @@
+"""The sync discovery channel against real gRPC servers on the memory backend.
+
+Waits are on conditions with deadlines. The one timing bound asserted is the issue's:
+traffic leaves an instance that turned NOT_SERVING within 1 s (measured from the flip
+to its last answered call).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from discovery_examples.addservice import add_pb2, add_pb2_grpc
+from discovery_examples.addservice.fleet import Event, Fleet, Load, wait_until
+
+import discovery_core as dc
+from discovery_core.channel import LeastRequest, RoundRobin, WeightedRoundRobin, _Endpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def backend() -> Iterator[dc.Backend]:
+    with dc.connect("memory://") as backend:
+        yield backend
+
+
+@pytest.fixture
+def fleet(backend: dc.Backend) -> Iterator[Fleet]:
+    fleet = Fleet(backend, drain=0.3, grace=2.0)
+    yield fleet
+    fleet.close()
+
+
+@pytest.fixture
+def channel(backend: dc.Backend) -> Iterator[dc.DiscoveryChannel]:
+    with dc.discovery_channel(backend, "add") as channel:
+        yield channel
+
+
+def add(channel: grpc.Channel, **kwargs: Any) -> tuple[int, str]:
+    reply, call = add_pb2_grpc.AdderStub(channel).Add.with_call(add_pb2.AddRequest(a=20, b=22), **kwargs)
+    return reply.v, dict(call.trailing_metadata() or ())["instance"]
+
+
+def answered_by(channel: grpc.Channel, calls: int) -> Counter[str]:
+    return Counter(add(channel, timeout=10)[1] for _ in range(calls))
+
+
+def test_no_instance_fails_at_once_with_unavailable_naming_the_service(channel: dc.DiscoveryChannel) -> None:
+    # A 60 s deadline and the test's own 60 s timeout: waiting instead of failing fast fails the test.
+    with pytest.raises(grpc.RpcError) as raised:
+        add(channel, timeout=60)
+    error = raised.value
+    assert isinstance(error, grpc.Call)
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert "'add'" in error.details()
+
+
+def test_wait_for_ready_succeeds_when_an_instance_registers_during_the_wait(
+    channel: dc.DiscoveryChannel, fleet: Fleet
+) -> None:
+    stub = add_pb2_grpc.AdderStub(channel)  # created before any instance exists
+    results: list[Any] = []
+    caller = threading.Thread(
+        target=lambda: results.append(stub.Add(add_pb2.AddRequest(a=1, b=2), timeout=30, wait_for_ready=True))
+    )
+    caller.start()
+    time.sleep(0.2)  # let the call start waiting; the outcome does not depend on it
+    fleet.start()
+    caller.join(timeout=30)
+    assert [r.v for r in results] == [3]
+
+
+def test_wait_for_ready_without_an_instance_ends_at_the_deadline(channel: dc.DiscoveryChannel) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        add(channel, timeout=0.3, wait_for_ready=True)
+    assert isinstance(raised.value, grpc.Call)
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "'add'" in raised.value.details()
+
+
+def test_stubs_created_before_the_first_instance_work_once_it_exists(
+    channel: dc.DiscoveryChannel, fleet: Fleet
+) -> None:
+    stub = add_pb2_grpc.AdderStub(channel)
+    with pytest.raises(grpc.RpcError):
+        stub.Add(add_pb2.AddRequest(a=1, b=1), timeout=5)
+    fleet.start()
+    assert channel.wait_ready(timeout=10)
+    assert stub.Add(add_pb2.AddRequest(a=1, b=1), timeout=5).v == 2
+
+
+def test_round_robin_spreads_calls_over_every_healthy_instance(channel: dc.DiscoveryChannel, fleet: Fleet) -> None:
+    names = {fleet.start().name for _ in range(3)}
+    assert wait_until(lambda: list(channel.instances().values()).count("ready") == 3, timeout=10)
+    counts = answered_by(channel, 300)
+    assert set(counts) == names
+    assert all(count == 100 for count in counts.values())
+
+
+def test_weighted_round_robin_follows_instance_weights(backend: dc.Backend, fleet: Fleet) -> None:
+    light, heavy = fleet.start(), fleet.start()
+    heavy_instance = heavy.served.instance
+    # Re-register the heavy one with weight 3 (same id and address: the endpoint stays).
+    heavy.served.registration = backend.register(
+        dc.ServiceInstance(
+            "add", heavy_instance.address, heavy_instance.port, id=heavy.id, weight=3, check=heavy_instance.check
+        )
+    )
+    with dc.discovery_channel(backend, "add", policy="weighted_round_robin") as channel:
+        assert wait_until(lambda: list(channel.instances().values()).count("ready") == 2, timeout=10)
+        assert wait_until(lambda: channel._pool.endpoints[heavy.id].instance.weight == 3, timeout=10)
+        counts = answered_by(channel, 400)
+    assert counts == {light.name: 100, heavy.name: 300}
+
+
+def fake_endpoints(*inflight: int, weights: tuple[int, ...] = ()) -> list[_Endpoint[None]]:
+    endpoints = []
+    for n, busy in enumerate(inflight):
+        weight = weights[n] if weights else 1
+        endpoint: _Endpoint[None] = _Endpoint(
+            dc.ServiceInstance("s", "10.0.0.1", 1000 + n, weight=weight), None, "ready"
+        )
+        endpoint.inflight = busy
+        endpoints.append(endpoint)
+    return endpoints
+
+
+def test_least_request_prefers_the_endpoint_with_fewer_outstanding_calls() -> None:
+    idle, busy = fake_endpoints(0, 50)
+    picker = LeastRequest("s", [idle, busy], connecting=False, known=2)
+    assert {picker.pick() for _ in range(100)} == {idle}
+    even = fake_endpoints(0, 0, 0)
+    assert set(Counter(LeastRequest("s", even, connecting=False, known=3).pick() for _ in range(300))) == set(even)
+
+
+def test_pickers_are_immutable_snapshots_that_pick_without_ready_endpoints_as_none() -> None:
+    for policy in (RoundRobin, WeightedRoundRobin, LeastRequest):
+        assert policy("s", [], connecting=True, known=2).pick() is None
+    endpoints = fake_endpoints(0, 0, weights=(1, 2))
+    picker = WeightedRoundRobin("s", endpoints, connecting=False, known=2)
+    schedule = [picker.pick() for _ in range(3)]
+    assert sorted(Counter(schedule).values()) == [1, 2]  # smooth: any 3 consecutive picks hold the 1:2 ratio
+
+
+def test_unknown_policy_is_invalid_config(backend: dc.Backend) -> None:
+    with pytest.raises(dc.InvalidConfig, match="policy"):
+        dc.discovery_channel(backend, "add", policy="random")
+
+
+def test_health_flip_moves_traffic_away_within_a_second_and_back(channel: dc.DiscoveryChannel, fleet: Fleet) -> None:
+    flipped, other = fleet.start(), fleet.start()
+    assert wait_until(lambda: list(channel.instances().values()).count("ready") == 2, timeout=10)
+    load = Load(channel, threads=2).start()
+    try:
+        assert load.wait_for("join", flipped.name, since=time.monotonic(), timeout=10)
+        at = time.monotonic()
+        fleet.flip(flipped, serving=False)
+        assert load.wait_for("leave", flipped.name, since=at, timeout=10), "traffic never left"
+        outcome = load.outcome(Event("flip", flipped.name, at, "leave"), until=time.monotonic())
+        assert outcome.follow is not None
+        assert outcome.follow < 1.0, f"traffic left {outcome.follow:.3f} s after NOT_SERVING (bound: 1 s)"
+        assert outcome.failed == 0
+        at = time.monotonic()
+        fleet.flip(flipped, serving=True)
+        assert load.wait_for("join", flipped.name, since=at, timeout=10), "traffic never came back"
+    finally:
+        load.stop()
+    assert load.failures() == 0
+    assert other.adder.calls > 0
+
+
+def test_rolling_restart_under_load_loses_no_call(channel: dc.DiscoveryChannel, fleet: Fleet) -> None:
+    old = [fleet.start() for _ in range(3)]
+    assert channel.wait_ready(timeout=10)
+    load = Load(channel, threads=4).start()
+    try:
+        for instance in old:
+            fresh = fleet.start()
+            assert load.wait_for("join", fresh.name, since=time.monotonic(), timeout=10)
+            fleet.drain(instance)
+        assert load.wait_for("join", fresh.name, since=time.monotonic(), timeout=10)
+    finally:
+        load.stop()
+    assert load.failures() == 0, Counter(code for _, _, code in load.snapshot())
+    assert len(load.snapshot()) > 100
+
+
+def test_kill_under_load_with_retries_loses_nothing(backend: dc.Backend, fleet: Fleet) -> None:
+    victims = [fleet.start() for _ in range(3)]
+    with dc.discovery_channel(backend, "add", retry=dc.RetryPolicy()) as channel:
+        assert wait_until(lambda: list(channel.instances().values()).count("ready") == 3, timeout=10)
+        load = Load(channel, threads=4).start()
+        try:
+            assert load.wait_for("join", victims[0].name, since=time.monotonic(), timeout=10)
+            at = time.monotonic()
+            fleet.kill(victims[0])
+            assert load.wait_for("leave", victims[0].name, since=at, timeout=10)
+        finally:
+            load.stop()
+    assert load.failures() == 0, Counter(code for _, _, code in load.snapshot())
+
+
+def test_kill_under_load_without_retries_fails_at_most_the_calls_in_flight(
+    channel: dc.DiscoveryChannel, fleet: Fleet
+) -> None:
+    threads = 4
+    victims = [fleet.start() for _ in range(3)]
+    assert wait_until(lambda: list(channel.instances().values()).count("ready") == 3, timeout=10)
+    load = Load(channel, threads=threads).start()
+    try:
+        assert load.wait_for("join", victims[0].name, since=time.monotonic(), timeout=10)
+        at = time.monotonic()
+        fleet.kill(victims[0])
+        assert load.wait_for("leave", victims[0].name, since=at, timeout=10)
+    finally:
+        load.stop()
+    failed = [code for _, _, code in load.snapshot() if code != "OK"]
+    assert len(failed) <= threads, failed  # only calls already sent to it can fail
+    assert set(failed) <= {"UNAVAILABLE", "CANCELLED"}
+
+
+def test_calls_that_never_reached_a_server_are_retried_on_another_instance(backend: dc.Backend, fleet: Fleet) -> None:
+    dead, alive = fleet.start(), fleet.start()
+    with dc.discovery_channel(backend, "add", health_check=False) as channel:
+        assert wait_until(lambda: len(channel.instances()) == 2, timeout=10)
+        fleet.kill(dead)  # no health watch: the channel only learns by failing to connect
+        counts = answered_by(channel, 20)
+    assert counts == {alive.name: 20}
+
+
+def test_set_changes_keep_connections_to_instances_that_stay(channel: dc.DiscoveryChannel, fleet: Fleet) -> None:
+    first, second = fleet.start(), fleet.start()
+    assert wait_until(lambda: len(channel.instances()) == 2, timeout=10)
+    kept = channel._pool.endpoints[first.id].channel
+    third = fleet.start()
+    assert wait_until(lambda: third.id in channel.instances(), timeout=10)
+    fleet.drain(second)
+    assert wait_until(lambda: second.id not in channel.instances(), timeout=10)
+    assert channel._pool.endpoints[first.id].channel is kept
+
+
+def test_close_closes_connections_and_unsubscribes(backend: dc.Backend, fleet: Fleet) -> None:
+    fleet.start()
+    channel = dc.discovery_channel(backend, "add")
+    assert channel.wait_ready(timeout=10)
+    endpoints = list(channel._pool.endpoints.values())
+    assert backend._feeds  # the channel's watch feed is running
+    channel.close()
+    channel.close()  # idempotent
+    assert not backend._feeds, "the watch feed is still running"
+    assert all(ep.retired for ep in endpoints)
+    mine = ("discovery-health:", "discovery-watch:")
+    assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith(mine)], timeout=10)
+    with pytest.raises(dc.ClosedError):
+        add(channel, timeout=5)
+
+
+def test_generated_stubs_interceptors_and_with_work_unchanged(backend: dc.Backend, fleet: Fleet) -> None:
+    fleet.start()
+    seen: list[str] = []
+
+    class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            seen.append(details.method)
+            return continuation(details, request)
+
+    with dc.discovery_channel(backend, "add") as channel:
+        assert isinstance(channel, grpc.Channel)
+        intercepted = grpc.intercept_channel(channel, Recorder())
+        assert add(intercepted, timeout=10, wait_for_ready=True)[0] == 42
+        future = add_pb2_grpc.AdderStub(channel).Add.future(add_pb2.AddRequest(a=1, b=1), timeout=10)
+        assert future.result().v == 2
+        states: list[grpc.ChannelConnectivity] = []
+        channel.subscribe(states.append)
+        assert states == [grpc.ChannelConnectivity.READY]
+    assert seen == ["/addservice.Adder/Add"]
+
+
+def test_retry_policy_validates_and_filters_methods() -> None:
+    with pytest.raises(dc.InvalidConfig):
+        dc.RetryPolicy(max_attempts=0)
+    policy = dc.RetryPolicy(methods=frozenset({"/addservice.Adder/Add"}))
+    assert policy.applies("/addservice.Adder/Add")
+    assert not policy.applies("/other.Svc/Write")
