@@ -254,6 +254,9 @@ class _Feed:
                 elif not outage:
                     log.warning("watch on %r: %s; serving the last known set and retrying", service, exc)
                 outage = True
+                # Read at once when the backend answers again: a restarted backend's
+                # index may sit below ours, and a blocking poll would wait it out.
+                index = 0
                 self._fail(error)
                 if stop.wait(backoff.next()):
                     break
