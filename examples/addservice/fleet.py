@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
@@ -119,18 +119,62 @@ class Outcome:
     failed: int
 
 
-@dataclass
-class Load:
+class Traffic:
+    """Who answered each call and when: counts, failures and time-to-follow."""
+
+    def __init__(self) -> None:
+        self._records: list[tuple[float, str | None, str]] = []  # (monotonic time, instance, code)
+        self._lock = threading.Lock()
+
+    def record(self, answered: str | None, code: str) -> None:
+        with self._lock:
+            self._records.append((time.monotonic(), answered, code))
+
+    def snapshot(self) -> list[tuple[float, str | None, str]]:
+        with self._lock:
+            return list(self._records)
+
+    def counts(self, since: float = 0.0) -> Counter[str]:
+        """Calls answered per instance since ``since``; failures under "failed"."""
+        return Counter(who or "failed" for t, who, _ in self.snapshot() if t >= since)
+
+    def failures(self) -> int:
+        return sum(1 for _, _, code in self.snapshot() if code != "OK")
+
+    def followed(self, kind: str, instance: str, since: float) -> bool:
+        """Whether traffic followed a "join" or "leave" of ``instance`` at ``since``."""
+        return self.outcome(Event(kind, instance, since, kind), until=time.monotonic()).follow is not None
+
+    def outcome(self, event: Event, until: float, *, quiet: float = 0.3) -> Outcome:
+        """Time to follow ``event`` and the calls failed between it and ``until``.
+
+        leave: from the event to the last call the instance answered or that failed
+        (followed once ``quiet`` seconds of calls passed without either). join: to the
+        first call the instance answered.
+        """
+        window = [r for r in self.snapshot() if event.at <= r[0] <= until]
+        failed = sum(1 for _, _, code in window if code != "OK")
+        mine = [t for t, who, _ in window if who == event.instance]
+        if event.kind == "join":
+            return Outcome(event.label, mine[0] - event.at if mine else None, failed)
+        last = max([event.at, *mine, *(t for t, _, code in window if code != "OK")])
+        followed = until - last >= quiet and any(t > last for t, who, _ in window if who)
+        return Outcome(event.label, last - event.at if followed else None, failed)
+
+
+class Load(Traffic):
     """Calls Add in a loop on ``threads`` threads, recording who answered each call."""
 
-    channel: grpc.Channel
-    threads: int = 2
-    timeout: float = 2.0
-    wait_for_ready: bool = False
-    records: list[tuple[float, str | None, str]] = field(default_factory=list)  # (t, instance, code)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(
+        self, channel: grpc.Channel, *, threads: int = 2, timeout: float = 2.0, wait_for_ready: bool = False
+    ) -> None:
+        super().__init__()
+        self.channel = channel
+        self.threads = threads
+        self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
 
     def start(self) -> Load:
         for n in range(self.threads):
@@ -153,47 +197,12 @@ class Load:
                 reply, call = add.with_call(
                     add_pb2.AddRequest(a=n, b=1), timeout=self.timeout, wait_for_ready=self.wait_for_ready
                 )
-                answered = dict(call.trailing_metadata() or ()).get("instance")
-                record = (time.monotonic(), str(answered), "OK" if reply.v == n + 1 else "WRONG")
             except grpc.RpcError as error:
-                code = error.code().name if isinstance(error, grpc.Call) else "UNKNOWN"
-                record = (time.monotonic(), None, code)
-            with self._lock:
-                self.records.append(record)
-
-    def snapshot(self) -> list[tuple[float, str | None, str]]:
-        with self._lock:
-            return list(self.records)
-
-    def counts(self, since: float = 0.0) -> Counter[str]:
-        """Calls answered per instance since ``since``; failures under "failed"."""
-        return Counter(who or "failed" for t, who, code in self.snapshot() if t >= since and code != "WRONG")
-
-    def failures(self) -> int:
-        return sum(1 for _, who, code in self.snapshot() if code != "OK")
+                self.record(None, error.code().name if isinstance(error, grpc.Call) else "UNKNOWN")
+            else:
+                answered = dict(call.trailing_metadata() or ()).get("instance")
+                self.record(str(answered), "OK" if reply.v == n + 1 else "WRONG")
 
     def wait_for(self, kind: str, instance: str, *, since: float, timeout: float) -> bool:
-        """Wait until ``instance`` answered a call after ``since`` ("join"), or has
-        answered none for a while after ``since`` ("leave"); False at the timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            outcome = self.outcome(Event(kind, instance, since, kind), until=time.monotonic())
-            if outcome.follow is not None:
-                return True
-            time.sleep(0.02)
-        return False
-
-    def outcome(self, event: Event, until: float, *, quiet: float = 0.3) -> Outcome:
-        """Time to follow ``event`` and the calls failed between it and ``until``.
-
-        leave: from the event to the last call the instance answered (followed once it
-        has answered nothing for ``quiet`` seconds). join: to the first call it answered.
-        """
-        window = [r for r in self.snapshot() if event.at <= r[0] <= until]
-        failed = sum(1 for _, _, code in window if code != "OK")
-        mine = [t for t, who, _ in window if who == event.instance]
-        if event.kind == "join":
-            return Outcome(event.label, mine[0] - event.at if mine else None, failed)
-        last = max([event.at, *mine, *(t for t, _, code in window if code != "OK")])
-        followed = until - last >= quiet and any(t > last for t, who, _ in window if who)
-        return Outcome(event.label, last - event.at if followed else None, failed)
+        """Wait until traffic followed a "join" or "leave" of ``instance``; False at the timeout."""
+        return wait_until(lambda: self.followed(kind, instance, since), timeout, interval=0.02)
