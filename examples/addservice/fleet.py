@@ -50,8 +50,11 @@ class Instance:
 class Fleet:
     """Add-service instances on ephemeral ports of 127.0.0.1, registered in ``registry``."""
 
-    def __init__(self, registry: dc.Registry, *, drain: float = 0.5, grace: float = 2.0, workers: int = 8) -> None:
+    def __init__(
+        self, registry: dc.Registry, *, service: str = SERVICE, drain: float = 0.5, grace: float = 2.0, workers: int = 8
+    ) -> None:
         self.registry = registry
+        self.service = service
         self.drain_seconds = drain
         self.grace = grace
         self.workers = workers
@@ -65,7 +68,7 @@ class Fleet:
         served = dc.serve(
             make_server(adder, executor),
             self.registry,
-            SERVICE,
+            self.service,
             advertise="127.0.0.1",
             instance_id=name,
             drain=self.drain_seconds,
