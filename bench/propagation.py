@@ -1,0 +1,211 @@
+"""Propagation latency: from ``register()`` returning to a watch subscriber holding a
+snapshot with the new instance. p50 and p99 per backend, and for Consul beside the
+floor measured in the same run on the same agent: a raw blocking query (http.client,
+no library) seeing a raw registration.
+
+    python bench/propagation.py                                 # memory + consul
+    python bench/propagation.py --backends memory --memory-count 1000
+    python bench/propagation.py --consul-address 127.0.0.1:8500 --consul-count 200
+
+Consul comes from --consul-address, else ``CONSUL_HTTP_ADDR``, else a throwaway
+``consul agent -dev`` when a ``consul`` binary is on PATH. Each sample registers one
+instance, waits until it is seen, deregisters it and waits until it is gone, so the
+set stays small and samples do not overlap. Samples are paced to the watch's token
+bucket (``Watcher.poll_rate``): back to back, they would measure the rate limit that
+coalesces bursts, not how fast one change travels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import discovery_core as dc
+
+_TIMEOUT = 10.0  # seconds one sample may take before the run fails
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    samples: list[float]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def p99(self) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+    def line(self) -> str:
+        return f"{self.label:<22} n={len(self.samples):<5} p50={self.p50 * 1e3:8.3f} ms  p99={self.p99 * 1e3:8.3f} ms"
+
+
+class _Seen:
+    """Which instance ids the latest snapshot holds, and when each set arrived."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ids: frozenset[str] = frozenset()
+        self._stamp = 0.0
+
+    def update(self, ids: frozenset[str]) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            self._ids, self._stamp = ids, now
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[frozenset[str]], bool]) -> float:
+        """When the first set satisfying ``predicate`` arrived."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self._ids), _TIMEOUT):
+                raise TimeoutError(f"no matching set within {_TIMEOUT} s")
+            return self._stamp
+
+
+def _pace(start: float, period: float) -> None:
+    """Wait out the rest of ``period`` since ``start`` (a benchmark's pacing, not a test's hope)."""
+    time.sleep(max(0.0, start + period - time.perf_counter()))
+
+
+def measure_backend(backend: dc.Backend, label: str, count: int, period: float) -> Result:
+    service = f"bench-{uuid.uuid4().hex[:10]}"
+    seen = _Seen()
+    samples: list[float] = []
+    with backend.watch(service) as watch:
+        watch.subscribe(lambda snapshot: seen.update(frozenset(inst.id for inst in snapshot.instances)))
+        seen.wait_for(lambda ids: not ids)
+        for n in range(count):
+            _pace(time.perf_counter(), period)
+            inst = dc.ServiceInstance(service, "127.0.0.1", 10000 + n % 50000)
+            backend.register(inst, keepalive=False)
+            returned = time.perf_counter()
+            samples.append(seen.wait_for(lambda ids, i=inst.id: i in ids) - returned)  # type: ignore[misc]
+            backend.deregister(inst.id)
+            seen.wait_for(lambda ids, i=inst.id: i not in ids)  # type: ignore[misc]
+    return Result(label, samples)
+
+
+class _Raw:
+    """Consul's HTTP API through http.client: the floor, no library in the way."""
+
+    def __init__(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host, int(port)
+
+    def request(self, method: str, path: str, body: object = None, timeout: float = 70.0) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=None if body is None else json.dumps(body))
+            response = connection.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{method} {path}: {response.status} {data!r}")
+            return int(response.getheader("X-Consul-Index") or 0), data
+        finally:
+            connection.close()
+
+
+def measure_floor(address: str, count: int, period: float) -> Result:
+    raw = _Raw(address)
+    service = f"bench-floor-{uuid.uuid4().hex[:10]}"
+    seen = _Seen()
+    done = threading.Event()
+
+    def follow() -> None:
+        index = 0
+        while not done.is_set():
+            query = f"?index={index}&wait=2s" if index else ""
+            index, body = raw.request("GET", f"/v1/health/service/{service}{query}")
+            seen.update(frozenset(entry["Service"]["ID"] for entry in json.loads(body)))
+
+    follower = threading.Thread(target=follow, name="bench-floor", daemon=True)
+    follower.start()
+    samples: list[float] = []
+    try:
+        seen.wait_for(lambda ids: not ids)
+        for n in range(count):
+            _pace(time.perf_counter(), period)
+            instance_id = f"{service}-{n}"
+            raw.request("PUT", "/v1/agent/service/register", {"ID": instance_id, "Name": service, "Port": 10000 + n})
+            returned = time.perf_counter()
+            samples.append(seen.wait_for(lambda ids, i=instance_id: i in ids) - returned)  # type: ignore[misc]
+            raw.request("PUT", f"/v1/agent/service/deregister/{instance_id}")
+            seen.wait_for(lambda ids, i=instance_id: i not in ids)  # type: ignore[misc]
+    finally:
+        done.set()
+        follower.join(timeout=5)
+    return Result("consul floor (raw)", samples)
+
+
+def _period(backend: dc.Backend) -> float:
+    """Time per sample that keeps the watch's token bucket from emptying: each sample
+    costs two polls (seen, gone), and a third for slack."""
+    return 3 / backend.poll_rate
+
+
+@contextlib.contextmanager
+def consul_address(given: str | None) -> Iterator[str]:
+    """The agent to measure: given, CONSUL_HTTP_ADDR, or a throwaway dev agent."""
+    address = given or os.environ.get("CONSUL_HTTP_ADDR")
+    if address:
+        yield address.removeprefix("http://")
+        return
+    from discovery_consul.devagent import DevAgent, DevAgentError
+
+    try:
+        agent = DevAgent()
+        agent.start()
+    except DevAgentError as exc:
+        raise SystemExit(
+            f"no Consul agent: {exc}. Give --consul-address, set CONSUL_HTTP_ADDR, or put a `consul` binary on PATH"
+        ) from None
+    try:
+        yield agent.address
+    finally:
+        agent.close()
+
+
+def run(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--backends", default="memory,consul", help="comma-separated: memory, consul")
+    parser.add_argument("--memory-count", type=int, default=1000, help="registrations measured on memory")
+    parser.add_argument("--consul-count", type=int, default=200, help="registrations measured on Consul (and floor)")
+    parser.add_argument("--consul-address", help="host:port of the agent (default: CONSUL_HTTP_ADDR or a dev agent)")
+    args = parser.parse_args(argv)
+    backends = {name.strip() for name in args.backends.split(",") if name.strip()}
+    unknown = backends - {"memory", "consul"}
+    if unknown:
+        parser.error(f"unknown backends: {', '.join(sorted(unknown))}")
+    results: list[Result] = []
+    if "memory" in backends:
+        with dc.connect("memory://") as backend:
+            results.append(measure_backend(backend, "memory", args.memory_count, _period(backend)))
+        print(results[-1].line(), flush=True)
+    if "consul" in backends:
+        with consul_address(args.consul_address) as address:
+            with dc.connect("consul", address=address) as backend:
+                floor = measure_floor(address, args.consul_count, _period(backend))
+                print(floor.line(), flush=True)
+                consul = measure_backend(backend, "consul", args.consul_count, _period(backend))
+            print(consul.line(), flush=True)
+        results += [floor, consul]
+        print(f"consul p50 / floor p50 = {consul.p50 / floor.p50:.2f}x  (goal: <= 1.5x)")
+        print(f"consul p99 / floor p99 = {consul.p99 / floor.p99:.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
