@@ -163,7 +163,8 @@ def consul_address(given: str | None) -> Iterator[str]:
     if address:
         yield address.removeprefix("http://")
         return
-    from discovery_consul.devagent import DevAgent, DevAgentError
+    # Imported here: a memory-only run needs neither py-consul nor Consul.
+    from discovery_consul.devagent import DevAgent, DevAgentError  # noqa: PLC0415
 
     try:
         agent = DevAgent()

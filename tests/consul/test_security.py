@@ -66,13 +66,14 @@ def test_token_without_write_is_denied_and_never_shown(
         with pytest.raises(dc.PermissionDenied) as denied:
             backend.register(dc.ServiceInstance(service, "127.0.0.1", 5001))
         shown.append(str(denied.value))
-    for make in (
-        lambda: dc.connect("consul", address=acl_agent.address, token=token, wait="-1"),
-        lambda: dc.connect("consul", address=acl_agent.address, tokn=token),
-        lambda: dc.connect("consul", address=acl_agent.address, token=token + " x", token_file="/nonexistent"),
-    ):
+    invalid_options: list[dict[str, Any]] = [
+        {"token": token, "wait": "-1"},
+        {"tokn": token},  # a misspelled option holding the secret
+        {"token": token, "token_file": "/nonexistent"},
+    ]
+    for options in invalid_options:
         with pytest.raises(dc.InvalidConfig) as invalid:
-            make()
+            dc.connect("consul", address=acl_agent.address, **options)
         shown.append(str(invalid.value))
     with dc.connect("consul", address=f"127.0.0.1:{free_port()}", token=token) as unreachable:
         shown.append(repr(unreachable))
