@@ -261,12 +261,26 @@ class _AioPool(Pool[grpc.aio.Channel]):
                 await asyncio.sleep(backoff.next())
 
     async def aclose(self, grace: float | None) -> None:
-        endpoints = self.close_all()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        endpoints = self.close_all()  # cancels the health tasks; closing channels finish
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(ep.channel.close(grace) for ep in endpoints), return_exceptions=True)
+
+
+def _options(
+    timeout: float | None,
+    metadata: Any,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> dict[str, Any]:
+    """A call's options as grpc.aio multicallables take them (keywords)."""
+    return {
+        "timeout": timeout,
+        "metadata": metadata,
+        "credentials": credentials,
+        "wait_for_ready": wait_for_ready,
+        "compression": compression,
+    }
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -440,13 +454,7 @@ class _AioUnaryUnary(_AioCall, grpc.aio.UnaryUnaryMultiCallable):  # type: ignor
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kwargs = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return _UnaryUnaryCall(self, request, kwargs)
 
 
@@ -460,13 +468,7 @@ class _AioUnaryStream(_AioCall, grpc.aio.UnaryStreamMultiCallable):  # type: ign
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kwargs = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._stream(request, kwargs)
 
 
@@ -480,13 +482,7 @@ class _AioStreamUnary(_AioCall, grpc.aio.StreamUnaryMultiCallable):  # type: ign
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kwargs = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._stream(request_iterator, kwargs)
 
 
@@ -500,13 +496,7 @@ class _AioStreamStream(_AioCall, grpc.aio.StreamStreamMultiCallable):  # type: i
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        kwargs = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kwargs = _options(timeout, metadata, credentials, wait_for_ready, compression)
         return self._stream(request_iterator, kwargs)
 
 

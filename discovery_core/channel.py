@@ -23,6 +23,7 @@ channel in ``discovery_core.aio``; only the I/O differs.
 from __future__ import annotations
 
 import abc
+import contextlib
 import itertools
 import logging
 import random
@@ -212,6 +213,15 @@ class LeastRequest(Picker[C]):
 
 
 POLICIES: dict[str, type[Picker[Any]]] = {p.name: p for p in (RoundRobin, WeightedRoundRobin, LeastRequest)}
+
+
+def connectivity(picker: Picker[Any]) -> grpc.ChannelConnectivity:
+    """The channel's state as grpc would name it, from the current picker."""
+    if picker.ready:
+        return grpc.ChannelConnectivity.READY
+    if picker.connecting:
+        return grpc.ChannelConnectivity.CONNECTING
+    return grpc.ChannelConnectivity.TRANSIENT_FAILURE if picker.known else grpc.ChannelConnectivity.IDLE
 
 
 def _policy(policy: str) -> type[Picker[Any]]:
@@ -438,6 +448,8 @@ class _SyncPool(Pool[grpc.Channel]):
         self._options = list(options)
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()  # wakes health threads sleeping between watches
+        self.state = connectivity(self.picker)
+        self.on_state: Callable[[grpc.ChannelConnectivity], None] | None = None
 
     def open(self, instance: ServiceInstance) -> grpc.Channel:
         if self._credentials is not None:
@@ -463,6 +475,11 @@ class _SyncPool(Pool[grpc.Channel]):
 
     def notify(self) -> None:
         self.lock.notify_all()
+        state = connectivity(self.picker)
+        if state is not self.state:
+            self.state = state
+            if self.on_state is not None:
+                self.on_state(state)
 
     def _watch_health(self, endpoint: _Endpoint[grpc.Channel]) -> None:
         watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
@@ -550,7 +567,7 @@ def unpicked(
 class _Call:
     """What every multicallable of the discovery channel shares: the pick."""
 
-    __slots__ = ("_channel", "_deserializer", "_kind", "_method", "_pool", "_serializer")
+    __slots__ = ("_deserializer", "_kind", "_method", "_pool", "_serializer")
 
     def __init__(
         self,
@@ -560,7 +577,6 @@ class _Call:
         request_serializer: Callable[..., Any] | None,
         response_deserializer: Callable[..., Any] | None,
     ) -> None:
-        self._channel = channel
         self._pool = channel._pool
         self._kind = kind
         self._method = method
@@ -813,15 +829,6 @@ class _StreamStream(_Call, _StreamStreamBase):
         return call
 
 
-def connectivity(picker: Picker[Any]) -> grpc.ChannelConnectivity:
-    """The channel's state as grpc would name it, from the current picker."""
-    if picker.ready:
-        return grpc.ChannelConnectivity.READY
-    if picker.connecting:
-        return grpc.ChannelConnectivity.CONNECTING
-    return grpc.ChannelConnectivity.TRANSIENT_FAILURE if picker.known else grpc.ChannelConnectivity.IDLE
-
-
 class DiscoveryChannel(grpc.Channel):
     """A ``grpc.Channel`` over a service's healthy instances (see the module doc).
 
@@ -833,7 +840,8 @@ class DiscoveryChannel(grpc.Channel):
         self._watch = watch
         self._pool = pool
         self._retry = retry
-        self._subscribers: dict[Callable[[grpc.ChannelConnectivity], None], grpc.ChannelConnectivity | None] = {}
+        self._subscribers: list[Callable[[grpc.ChannelConnectivity], None]] = []
+        pool.on_state = self._on_state
         self._unsubscribe = watch.subscribe(self._on_snapshot)
 
     @property
@@ -843,14 +851,11 @@ class DiscoveryChannel(grpc.Channel):
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         with self._pool.lock:
             self._pool.apply(snapshot)
-        self._report_state()
 
-    def _report_state(self) -> None:
-        state = connectivity(self._pool.picker)
-        for callback, seen in list(self._subscribers.items()):
-            if seen is not state:
-                self._subscribers[callback] = state
-                callback(state)
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        # Called under the pool's lock: subscribers run on their own thread, as grpc's do.
+        for callback in list(self._subscribers):
+            threading.Thread(target=callback, args=(state,), name="discovery-connectivity", daemon=True).start()
 
     def instances(self) -> dict[str, str]:
         """Each endpoint's instance id and state (connecting, ready, down): for
@@ -900,12 +905,15 @@ class DiscoveryChannel(grpc.Channel):
         return _StreamStream(self, method, request_serializer, response_deserializer)
 
     def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False) -> None:
-        """Call ``callback`` with the channel's connectivity now and on each change."""
-        self._subscribers[callback] = None
-        self._report_state()
+        """Call ``callback`` (on another thread) with the channel's connectivity now
+        and on each change."""
+        with self._pool.lock:
+            self._subscribers.append(callback)
+            threading.Thread(target=callback, args=(self._pool.state,), daemon=True).start()
 
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
-        self._subscribers.pop(callback, None)
+        with self._pool.lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(callback)
 
     def close(self) -> None:
         """Unsubscribe from the watch, close every endpoint. Idempotent."""

@@ -279,7 +279,8 @@ def test_generated_stubs_interceptors_and_with_work_unchanged(backend: dc.Backen
         assert future.result().v == 2
         states: list[grpc.ChannelConnectivity] = []
         channel.subscribe(states.append)
-        assert states == [grpc.ChannelConnectivity.READY]
+        assert wait_until(lambda: states == [grpc.ChannelConnectivity.READY], timeout=10), states
+        channel.unsubscribe(states.append)
     assert seen == ["/addservice.Adder/Add"]
 
 
