@@ -33,7 +33,6 @@ from discovery_core.channel import (
     RetryPolicy,
     _Endpoint,
     connectivity,
-    deadline_of,
     health_after_error,
     health_service_name,
     health_verdict,
@@ -221,12 +220,9 @@ class _AioPool(Pool[grpc.aio.Channel]):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def mark_down(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
-        """A call found the endpoint unreachable: drop it now and re-check its health."""
-        self.set_state(endpoint, _DOWN)
-        if not endpoint.retired:
-            self.unmonitor(endpoint)
-            self.monitor(endpoint)
+    def restart_monitor(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
+        self.unmonitor(endpoint)
+        self.monitor(endpoint)
 
     async def wait(self, accept: Callable[[Picker[Any]], bool], deadline: float | None) -> Picker[grpc.aio.Channel]:
         while not accept(self.picker) and not self.closed:
@@ -315,9 +311,7 @@ class _AioCall:
             )
         return target
 
-    async def _pick(
-        self, attempts: Attempts, wait_for_ready: bool | None, timeout: float | None
-    ) -> _Endpoint[grpc.aio.Channel]:
+    async def _pick(self, attempts: Attempts, wait_for_ready: bool | None) -> _Endpoint[grpc.aio.Channel]:
         pool = self._pool
         picker = pool.picker
         endpoint = picker.pick_other(attempts.tried)
@@ -325,25 +319,24 @@ class _AioCall:
             return endpoint
         waited = waits(picker, wait_for_ready) and not pool.closed
         if waited:
-            picker = await pool.wait(usable(wait_for_ready), deadline_of(attempts, timeout))
+            picker = await pool.wait(usable(wait_for_ready), attempts.deadline)
             endpoint = picker.pick()
             if endpoint is not None:
                 return endpoint
         raise _error(*unpicked(pool, picker, wait_for_ready, waited=waited))
 
-    def _pick_now(self, wait_for_ready: bool | None) -> _Endpoint[grpc.aio.Channel]:
-        """Streams pick when the call is made: a ready endpoint or an error at once."""
-        picker = self._pool.picker
-        endpoint = picker.pick()
-        if endpoint is None:
-            raise _error(*unpicked(self._pool, picker, wait_for_ready, waited=False))
-        return endpoint
-
     def _stream(self, request: Any, kwargs: dict[str, Any]) -> Any:
-        endpoint = self._pick_now(kwargs.get("wait_for_ready"))
-        endpoint.begin()
+        """Streams pick when the call is made: a ready endpoint or an error at once."""
+        while True:
+            picker = self._pool.picker
+            endpoint = picker.pick()
+            if endpoint is None:
+                raise _error(*unpicked(self._pool, picker, kwargs["wait_for_ready"], waited=False))
+            if endpoint.begin():
+                break
+        kwargs["wait_for_ready"] = None
         try:
-            call = self._target(endpoint)(request, **{**kwargs, "wait_for_ready": None})
+            call = self._target(endpoint)(request, **kwargs)
         except BaseException:
             self._pool.finished(endpoint)
             raise
@@ -370,12 +363,14 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
     async def _run(self, request: Any, kwargs: dict[str, Any]) -> Any:
         mc = self._multicallable
         pool = mc._pool
-        wait_for_ready = kwargs.pop("wait_for_ready")  # the channel's to honour (see discovery_core.channel)
+        wait_for_ready = kwargs["wait_for_ready"]  # the channel's to honour (see discovery_core.channel)
+        kwargs["wait_for_ready"] = None
         attempts = Attempts(kwargs.get("timeout"), mc._retry)
         try:
-            endpoint = await mc._pick(attempts, wait_for_ready, kwargs.get("timeout"))
             while True:
-                endpoint.begin()
+                endpoint = await mc._pick(attempts, wait_for_ready)
+                if not endpoint.begin():
+                    continue  # it closed after the pick: the picker no longer holds it
                 try:
                     self._call = mc._target(endpoint)(request, **kwargs)
                     return await self._call
@@ -389,7 +384,6 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
                     pool.finished(endpoint)
                 if attempts.deadline is not None:
                     kwargs["timeout"] = max(attempts.remaining() or 0.0, 0.001)
-                endpoint = await mc._pick(attempts, wait_for_ready, kwargs.get("timeout"))
         except grpc.aio.AioRpcError as error:
             self._error = error
             raise

@@ -87,34 +87,43 @@ class RetryPolicy:
 class _Endpoint(Generic[C]):
     """One instance's own grpc channel, kept while the instance stays in the set."""
 
-    __slots__ = ("_lock", "calls", "channel", "inflight", "instance", "monitor", "retired", "state")
+    __slots__ = ("_lock", "calls", "channel", "closed", "inflight", "instance", "monitor", "retired", "state")
 
     def __init__(self, instance: ServiceInstance, channel: C, state: str) -> None:
         self.instance = instance
         self.channel = channel
         self.state = state
         self.inflight = 0
-        self.retired = False
+        self.retired = False  # out of the set: closed once its last call ends
+        self.closed = False  # its channel is closed (or closing): no new call may start
         # Underlying multicallables, keyed by this channel's multicallable object.
         self.calls: dict[object, Any] = {}
         self.monitor: Any = None  # the health Watch call or task, to cancel
         self._lock = threading.Lock()
 
-    def begin(self) -> None:
+    def begin(self) -> bool:
+        """Count a call started; False if the channel is closed (a picker read just
+        before the endpoint left): pick again."""
         with self._lock:
+            if self.closed:
+                return False
             self.inflight += 1
+            return True
 
     def end(self) -> bool:
-        """Count a call done; True when a retired endpoint just became idle."""
+        """Count a call done; True when a retired endpoint just became idle (close it)."""
         with self._lock:
             self.inflight -= 1
-            return self.retired and self.inflight == 0
+            self.closed = self.retired and self.inflight == 0
+            return self.closed
 
-    def retire(self) -> bool:
-        """Leave the set; True when idle (close now), else the last call closes it."""
+    def retire(self, *, now: bool = False) -> bool:
+        """Leave the set; True when it is to be closed now (idle, or ``now``), else its
+        last call closes it."""
         with self._lock:
             self.retired = True
-            return self.inflight == 0
+            self.closed = now or self.inflight == 0
+            return self.closed
 
     def __repr__(self) -> str:
         return f"<endpoint {self.instance.id} {self.state} inflight={self.inflight}>"
@@ -305,11 +314,11 @@ class Pool(Generic[C], abc.ABC):
         if self.closed:
             return
         wanted = {inst.id: inst for inst in snapshot.instances if snapshot.status(inst.id) is not HealthStatus.CRITICAL}
+        gone = []
         for instance_id, endpoint in list(self.endpoints.items()):
             instance = wanted.get(instance_id)
             if instance is None or instance.target != endpoint.instance.target:
-                del self.endpoints[instance_id]
-                self._retire(endpoint)
+                gone.append(self.endpoints.pop(instance_id))
             else:
                 endpoint.instance = instance  # weight or meta may have changed
         for instance_id, instance in wanted.items():
@@ -318,7 +327,9 @@ class Pool(Generic[C], abc.ABC):
                 endpoint = self.endpoints[instance_id] = _Endpoint(instance, self.open(instance), state)
                 if self.health_check:
                     self.monitor(endpoint)
-        self.rebuild()
+        self.rebuild()  # before closing anything, so no new pick lands on a closed endpoint
+        for endpoint in gone:
+            self._retire(endpoint)
 
     def set_state(self, endpoint: _Endpoint[C], state: str) -> None:
         if endpoint.state == state or endpoint.retired or self.closed:
@@ -340,6 +351,18 @@ class Pool(Generic[C], abc.ABC):
         if endpoint.retire():
             self.release(endpoint)
 
+    def mark_down(self, endpoint: _Endpoint[C]) -> None:
+        """A call found the endpoint unreachable: out of the picker until its health
+        watch, restarted now, says it serves. Without health checking nothing would
+        bring it back, so it stays (calls landing on it are retried elsewhere)."""
+        if self.health_check and not endpoint.retired:
+            self.set_state(endpoint, _DOWN)
+            self.restart_monitor(endpoint)
+
+    @abc.abstractmethod
+    def restart_monitor(self, endpoint: _Endpoint[C]) -> None:
+        """Re-open the endpoint's health watch now."""
+
     def finished(self, endpoint: _Endpoint[C]) -> None:
         """A call on ``endpoint`` ended (close the endpoint if it was the last of a retired one)."""
         if endpoint.end():
@@ -350,7 +373,7 @@ class Pool(Generic[C], abc.ABC):
         self.closed = True
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         for endpoint in endpoints:
-            endpoint.retired = True
+            endpoint.retire(now=True)
             if endpoint.monitor is not None:
                 self.unmonitor(endpoint)
         self.picker = self.policy(self.service, (), connecting=False, known=0)
@@ -514,10 +537,11 @@ class _SyncPool(Pool[grpc.Channel]):
                 return
 
     def mark_down(self, endpoint: _Endpoint[grpc.Channel]) -> None:
-        """A call found the endpoint unreachable: drop it now and re-check its health."""
         with self.lock:
-            self.set_state(endpoint, _DOWN)
-            self.unmonitor(endpoint)
+            super().mark_down(endpoint)
+
+    def restart_monitor(self, endpoint: _Endpoint[grpc.Channel]) -> None:
+        self.unmonitor(endpoint)  # the health thread sees CANCELLED and watches again at once
 
     def wait(self, usable: Callable[[Picker[grpc.Channel]], bool], deadline: float | None) -> Picker[grpc.Channel]:
         """The first picker ``usable`` accepts (or the last one at the deadline)."""
@@ -545,12 +569,6 @@ def waits(picker: Picker[Any], wait_for_ready: bool | None) -> bool:
 def usable(wait_for_ready: bool | None) -> Callable[[Picker[Any]], bool]:
     """What a waiting call waits for: a ready endpoint, or a reason to stop waiting."""
     return lambda picker: bool(picker.ready) or not waits(picker, wait_for_ready)
-
-
-def deadline_of(attempts: Attempts | None, timeout: float | None) -> float | None:
-    if attempts is not None:
-        return attempts.deadline
-    return None if timeout is None else time.monotonic() + timeout
 
 
 def unpicked(
@@ -592,15 +610,16 @@ class _Call:
             )
         return target
 
-    def _pick(self, attempts: Attempts | None, wait_for_ready: bool | None, timeout: float | None) -> _Endpoint[Any]:
+    def _pick(self, attempts: Attempts, wait_for_ready: bool | None) -> _Endpoint[Any]:
+        """The slow path: an endpoint not tried yet, waiting for one if the call waits."""
         pool = self._pool
         picker = pool.picker
-        endpoint = picker.pick() if attempts is None else picker.pick_other(attempts.tried)
+        endpoint = picker.pick_other(attempts.tried)
         if endpoint is not None:
             return endpoint
         waited = waits(picker, wait_for_ready) and not pool.closed
         if waited:
-            picker = pool.wait(usable(wait_for_ready), deadline_of(attempts, timeout))
+            picker = pool.wait(usable(wait_for_ready), attempts.deadline)
             endpoint = picker.pick()
             if endpoint is not None:
                 return endpoint
@@ -608,8 +627,12 @@ class _Call:
         raise NoInstanceError(details, code)
 
     def _start(self, wait_for_ready: bool | None, timeout: float | None) -> _Endpoint[Any]:
-        endpoint = self._pick(None, wait_for_ready, timeout)
-        endpoint.begin()
+        """Pick for a call that is not retried, and count it started."""
+        endpoint = self._pool.picker.pick()
+        attempts = None
+        while endpoint is None or not endpoint.begin():
+            attempts = attempts or Attempts(timeout, None)
+            endpoint = self._pick(attempts, wait_for_ready)
         return endpoint
 
     def _watch_end(self, endpoint: _Endpoint[Any], call: grpc.Call) -> None:
@@ -690,15 +713,14 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
         compression: grpc.Compression | None,
     ) -> Any:
         pool = self._pool
-        attempts = None
-        endpoint = pool.picker.pick()  # the fast path: no deadline arithmetic unless needed
-        if endpoint is None:
-            attempts = Attempts(timeout, self._retry)
-            endpoint = self._pick(attempts, wait_for_ready, timeout)
-        elif timeout is not None:
-            attempts = Attempts(timeout, self._retry)
+        endpoint = pool.picker.pick()
+        # The fast path: no bookkeeping for a call with no deadline and a ready endpoint.
+        attempts = None if timeout is None else Attempts(timeout, self._retry)
         while True:
-            endpoint.begin()
+            if endpoint is None or not endpoint.begin():
+                attempts = attempts or Attempts(timeout, self._retry)
+                endpoint = self._pick(attempts, wait_for_ready)
+                continue
             try:
                 target = self._target(endpoint)
                 if with_call:
@@ -719,7 +741,7 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
                 pool.finished(endpoint)
             if attempts.deadline is not None:
                 timeout = max(attempts.remaining() or 0.0, 0.001)
-            endpoint = self._pick(attempts, wait_for_ready, timeout)
+            endpoint = None
 
 
 class _UnaryStream(_Call, _UnaryStreamBase):

@@ -196,3 +196,39 @@ async def test_close_releases_endpoints_and_the_watch(backend: dc.Backend, fleet
     await channel.close()
     assert not backend._feeds
     assert channel.instances() == {}
+
+
+async def test_streaming_calls_pick_when_made(backend: dc.Backend) -> None:
+    async def split(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[type-arg]
+        for b in request:
+            yield bytes([b])
+
+    async def join(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+        return b"".join([r async for r in requests])
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "echo.Echo",
+                {
+                    "Split": grpc.unary_stream_rpc_method_handler(split),
+                    "Join": grpc.stream_unary_rpc_method_handler(join),
+                    "Echo": grpc.stream_stream_rpc_method_handler(lambda requests, context: requests),
+                },
+            ),
+        )
+    )
+    async with aio.discovery_channel(backend, "echo") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            channel.unary_stream("/echo.Echo/Split")(b"abc", timeout=10)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        served = await aio.serve(server, backend, "echo", advertise="127.0.0.1", drain=0, handle_signals=False)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+            assert [r async for r in channel.unary_stream("/echo.Echo/Split")(b"ab", timeout=10)] == [b"a", b"b"]
+            assert await channel.stream_unary("/echo.Echo/Join")(iter([b"a", b"b"]), timeout=10) == b"ab"
+            echoed = channel.stream_stream("/echo.Echo/Echo")(iter([b"x", b"y"]), timeout=10)
+            assert [r async for r in echoed] == [b"x", b"y"]
+        finally:
+            await served.stop()

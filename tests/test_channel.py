@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -290,3 +291,58 @@ def test_retry_policy_validates_and_filters_methods() -> None:
     policy = dc.RetryPolicy(methods=frozenset({"/addservice.Adder/Add"}))
     assert policy.applies("/addservice.Adder/Add")
     assert not policy.applies("/other.Svc/Write")
+
+
+def echo_server(executor: Any) -> grpc.Server:
+    """A bytes-in, bytes-out service with every streaming shape (no generated code)."""
+
+    def split(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from (bytes([b]) for b in request)
+
+    def join(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return b"".join(requests)
+
+    def echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from requests
+
+    server = grpc.server(executor)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "echo.Echo",
+                {
+                    "Split": grpc.unary_stream_rpc_method_handler(split),
+                    "Join": grpc.stream_unary_rpc_method_handler(join),
+                    "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                },
+            ),
+        )
+    )
+    return server
+
+
+def test_streaming_calls_go_to_an_instance_and_close_with_it(backend: dc.Backend) -> None:
+    with (
+        futures.ThreadPoolExecutor(4) as executor,
+        dc.serve(echo_server(executor), backend, "echo", advertise="127.0.0.1", handle_signals=False, drain=0),
+        dc.discovery_channel(backend, "echo") as channel,
+    ):
+        assert channel.wait_ready(timeout=10)
+        assert list(channel.unary_stream("/echo.Echo/Split")(b"abc", timeout=10)) == [b"a", b"b", b"c"]
+        join = channel.stream_unary("/echo.Echo/Join")
+        assert join(iter([b"a", b"b"]), timeout=10) == b"ab"
+        assert join.with_call(iter([b"c"]), timeout=10)[0] == b"c"
+        assert join.future(iter([b"d"]), timeout=10).result() == b"d"
+        assert list(channel.stream_stream("/echo.Echo/Echo")(iter([b"x", b"y"]), timeout=10)) == [b"x", b"y"]
+        endpoint = next(iter(channel._pool.endpoints.values()))
+        assert wait_until(lambda: endpoint.inflight == 0, timeout=10)  # every call counted done
+
+
+def test_an_endpoint_closed_after_a_pick_refuses_the_call() -> None:
+    (endpoint,) = fake_endpoints(0)
+    assert endpoint.begin()
+    assert not endpoint.retire()  # a call is in flight: closed by its end
+    assert endpoint.begin()  # still open while calls run
+    assert not endpoint.end()
+    assert endpoint.end()  # the last call closes it
+    assert not endpoint.begin()
