@@ -20,22 +20,16 @@ from typing import TYPE_CHECKING, Any, Self
 import grpc
 import grpc.aio
 from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from discovery_core.channel import (
-    _CONNECTING,
-    _DOWN,
-    _READY,
     Attempts,
-    Backoff,
+    HealthFollower,
     Picker,
     Pool,
     RetryPolicy,
     _Endpoint,
     connectivity,
-    health_after_error,
-    health_service_name,
-    health_verdict,
     never_sent,
     unpicked,
     usable,
@@ -237,24 +231,18 @@ class _AioPool(Pool[grpc.aio.Channel]):
 
     async def _watch_health(self, endpoint: _Endpoint[grpc.aio.Channel]) -> None:
         watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
-        request = health_pb2.HealthCheckRequest(service=health_service_name(endpoint.instance))
-        backoff = Backoff()
-        while not endpoint.retired:
-            state = _DOWN
+        follower = HealthFollower(self, endpoint)
+        while not endpoint.retired:  # a retired endpoint's task is cancelled as well
+            code = None
             try:
-                async for reply in watch(request):
-                    backoff.reset()
-                    self.set_state(endpoint, health_verdict(reply.status))
+                async for reply in watch(follower.request):
+                    follower.reply(reply.status)
             except grpc.aio.AioRpcError as error:
-                state = health_after_error(error.code())
-                if state == _READY:
-                    log.info("%s has no health service: treated as serving", endpoint.instance.id)
-                    self.set_state(endpoint, _READY)
-                    return
-            if endpoint.state != _DOWN or state != _CONNECTING:
-                self.set_state(endpoint, state)
-            if state == _DOWN:
-                await asyncio.sleep(backoff.next())
+                code = error.code()
+            delay = follower.ended(code)
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
 
     async def aclose(self, grace: float | None) -> None:
         endpoints = self.close_all()  # cancels the health tasks; closing channels finish

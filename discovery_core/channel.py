@@ -246,20 +246,6 @@ def health_service_name(instance: ServiceInstance) -> str:
     return instance.check.service if isinstance(instance.check, GrpcCheck) else ""
 
 
-def health_verdict(status: int) -> str:
-    return _READY if status == health_pb2.HealthCheckResponse.SERVING else _DOWN
-
-
-def health_after_error(code: grpc.StatusCode | None) -> str:
-    """An endpoint's state once its health watch failed with ``code``: no health
-    service (UNIMPLEMENTED) counts as serving, for good; CANCELLED means a failed call
-    marked it down and restarted the watch (connecting: re-watch at once); anything
-    else is down until a new watch says otherwise."""
-    if code is grpc.StatusCode.UNIMPLEMENTED:
-        return _READY
-    return _CONNECTING if code is grpc.StatusCode.CANCELLED else _DOWN
-
-
 class Backoff:
     """Delay before re-opening a failed health watch: doubles up to a cap, jittered."""
 
@@ -272,6 +258,42 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = _HEALTH_RETRY_BASE
+
+
+class HealthFollower(Generic[C]):
+    """What one endpoint's health watch loop does with each outcome; the sync thread
+    and the aio task only do the I/O (and hold the pool's lock around these calls)."""
+
+    def __init__(self, pool: Pool[C], endpoint: _Endpoint[C]) -> None:
+        self.pool = pool
+        self.endpoint = endpoint
+        self.request = health_pb2.HealthCheckRequest(service=health_service_name(endpoint.instance))
+        self._backoff = Backoff()
+
+    def reply(self, status: int) -> None:
+        self._backoff.reset()
+        serving = status == health_pb2.HealthCheckResponse.SERVING
+        self.pool.set_state(self.endpoint, _READY if serving else _DOWN)
+
+    def ended(self, code: grpc.StatusCode | None) -> float | None:
+        """The watch ended (``code`` None: the server closed it). Returns seconds to
+        wait before watching again, or None to stop watching.
+
+        UNIMPLEMENTED: no health service, so serving for good. CANCELLED: a failed call
+        marked the endpoint down and restarted the watch: watch again at once, still
+        down. Anything else: down, and watch again after a backoff.
+        """
+        endpoint = self.endpoint
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            log.info("%s has no health service: treated as serving", endpoint.instance.id)
+            self.pool.set_state(endpoint, _READY)
+            return None
+        if code is grpc.StatusCode.CANCELLED:
+            if endpoint.state != _DOWN:
+                self.pool.set_state(endpoint, _CONNECTING)
+            return 0.0
+        self.pool.set_state(endpoint, _DOWN)
+        return self._backoff.next()
 
 
 class Pool(Generic[C], abc.ABC):
@@ -506,34 +528,26 @@ class _SyncPool(Pool[grpc.Channel]):
 
     def _watch_health(self, endpoint: _Endpoint[grpc.Channel]) -> None:
         watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
-        request = health_pb2.HealthCheckRequest(service=health_service_name(endpoint.instance))
-        backoff = Backoff()
-        while not endpoint.retired:
-            try:
-                with self.lock:
-                    if endpoint.retired:
-                        return
-                    call = endpoint.monitor = watch(request)
-                for reply in call:
-                    backoff.reset()
-                    with self.lock:
-                        self.set_state(endpoint, health_verdict(reply.status))
-                state = _DOWN  # the server ended the stream: it is going away
-            except grpc.RpcError as error:
+        follower = HealthFollower(self, endpoint)
+        while True:
+            with self.lock:
                 if endpoint.retired:
                     return
-                state = health_after_error(error.code() if isinstance(error, grpc.Call) else None)
-                if state == _READY:
-                    log.info("%s has no health service: treated as serving", endpoint.instance.id)
+                call = endpoint.monitor = watch(follower.request)
+            code = None
+            try:
+                for reply in call:
                     with self.lock:
-                        self.set_state(endpoint, _READY)
-                    return
+                        follower.reply(reply.status)
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
             except ValueError:  # the channel was closed under the stream
                 return
             with self.lock:
-                if endpoint.state != _DOWN or state != _CONNECTING:
-                    self.set_state(endpoint, state)
-            if state == _DOWN and self._closing.wait(backoff.next()):
+                if endpoint.retired:
+                    return
+                delay = follower.ended(code)
+            if delay is None or (delay and self._closing.wait(delay)):
                 return
 
     def mark_down(self, endpoint: _Endpoint[grpc.Channel]) -> None:
