@@ -225,7 +225,6 @@ class Served:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        self._restore_signals()
 
     def __repr__(self) -> str:
         state = "stopped" if self._done.is_set() else "stopping" if self._stopping else "serving"

@@ -141,3 +141,26 @@ def test_sigterm_leaves_cleanly_and_restores_the_handler(
     assert backend.instances("add").instances == ()
     served.stop()  # joins the signal's stop; restores handlers from the main thread
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bind_replaces_add_insecure_port(backend: dc.Backend, executor: futures.ThreadPoolExecutor) -> None:
+    bound: list[str] = []
+
+    def bind(server: grpc.Server, address: str) -> int:
+        bound.append(address)
+        return server.add_insecure_port("127.0.0.1:0")
+
+    with dc.serve(
+        make_server(Adder(), executor), backend, "add", advertise="127.0.0.1", bind=bind, handle_signals=False, drain=0
+    ) as served:
+        assert bound == ["[::]:0"]
+        assert health_of(served.target) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_failed_registration_stops_the_server(executor: futures.ThreadPoolExecutor) -> None:
+    backend = dc.connect("memory://")
+    backend.close()
+    server = make_server(Adder(), executor)
+    with pytest.raises(dc.ClosedError):
+        dc.serve(server, backend, "add", advertise="127.0.0.1", handle_signals=False)
+    assert not server.wait_for_termination(5)

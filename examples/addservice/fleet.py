@@ -92,9 +92,6 @@ class Fleet:
     def flip(self, instance: Instance, serving: bool) -> None:
         instance.served.set_serving(serving)
 
-    def live(self) -> list[Instance]:
-        return [i for i in self.instances if not i.killed and i.served.wait_for_termination(0)]
-
     def close(self) -> None:
         """Stop everything; a killed instance's registration is removed now."""
         for instance in self.instances:
