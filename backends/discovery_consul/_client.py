@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import logging
 import re
 import socket
 import ssl
@@ -40,8 +39,6 @@ __all__ = ["ConsulClient", "HealthResult", "Settings"]
 _T = TypeVar("_T")
 
 _UNAVAILABLE = re.compile(r"^50[234]\b|No cluster leader|No known Consul servers|rpc error|connection refused", re.I)
-
-log = logging.getLogger("discovery_consul")
 
 # The Stop of the blocking query running on this thread, if any.
 _current_stop: contextvars.ContextVar[Stop | None] = contextvars.ContextVar("discovery_consul_stop", default=None)
