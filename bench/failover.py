@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from discovery_examples.addservice.fleet import Event, Fleet, Instance, Load, Outcome
+from discovery_examples.addservice.fleet import KILL_RETRY, Event, Fleet, Instance, Load, Outcome
 
 import discovery_core as dc
 
@@ -52,7 +52,7 @@ class Scenario:
         self.service = f"add-{uuid.uuid4().hex[:8]}"
         self.fleet = Fleet(backend, service=self.service, drain=1.0)
         self.instances = [self.fleet.start() for _ in range(size)]
-        retry_policy = dc.RetryPolicy() if retry else None
+        retry_policy = KILL_RETRY if retry else None
         self.channel = dc.discovery_channel(backend, self.service, retry=retry_policy)
         if not self.channel.wait_ready(timeout=_FOLLOW_TIMEOUT):
             raise SystemExit(f"{self.service}: the channel never became ready")
@@ -136,7 +136,7 @@ def run(url: str, label: str, threads: int) -> None:
         for title, outcomes in (
             ("rolling restart of 3", rolling_restart(backend, threads)),
             ("abrupt kill, no retry policy", kill(backend, threads, retry=False)),
-            ("abrupt kill, RetryPolicy()", kill(backend, threads, retry=True)),
+            ("abrupt kill, with retries", kill(backend, threads, retry=True)),
             ("health flip", health_flip(backend, threads)),
         ):
             print(f"{title}  (failed in total: {sum(o.failed for o in outcomes)})")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from discovery_core.backend import connect
-from discovery_core.channel import RetryPolicy, discovery_channel
+from discovery_core.channel import discovery_channel
 from discovery_core.errors import DiscoveryError
 
 # The example package (``discovery_examples``) is imported when the demo runs, so
@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
     with connect(args.backend) as backend:
         fleet = Fleet(backend, drain=args.drain)
         events: list[Any] = []
-        retry = RetryPolicy() if args.retry else None
+        retry = example.KILL_RETRY if args.retry else None
         channel = discovery_channel(backend, "add", retry=retry)
         load: Any = None
         stop = threading.Event()

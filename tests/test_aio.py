@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
-from discovery_examples.addservice.fleet import Event, Traffic
+from discovery_examples.addservice.fleet import KILL_RETRY, Event, Traffic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import discovery_core as dc
@@ -171,7 +171,7 @@ async def test_rolling_restart_under_load_loses_no_call(channel: aio.AioDiscover
 
 async def test_kill_with_retries_loses_nothing(backend: dc.Backend, fleet: AioFleet) -> None:
     names = [await fleet.start() for _ in range(3)]
-    async with aio.discovery_channel(backend, "add", retry=dc.RetryPolicy()) as channel:
+    async with aio.discovery_channel(backend, "add", retry=KILL_RETRY) as channel:
         assert await until(lambda: list(channel.instances().values()).count("ready") == 3)
         traffic, stop = Traffic(), asyncio.Event()
         runner = asyncio.gather(*(load(channel, traffic, stop) for _ in range(4)))

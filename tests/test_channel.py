@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
-from discovery_examples.addservice.fleet import Event, Fleet, Load, wait_until
+from discovery_examples.addservice.fleet import KILL_RETRY, Event, Fleet, Load, wait_until
 
 import discovery_core as dc
 from discovery_core.channel import LeastRequest, RoundRobin, WeightedRoundRobin, _Endpoint
@@ -195,7 +195,7 @@ def test_rolling_restart_under_load_loses_no_call(channel: dc.DiscoveryChannel, 
 
 def test_kill_under_load_with_retries_loses_nothing(backend: dc.Backend, fleet: Fleet) -> None:
     victims = [fleet.start() for _ in range(3)]
-    with dc.discovery_channel(backend, "add", retry=dc.RetryPolicy()) as channel:
+    with dc.discovery_channel(backend, "add", retry=KILL_RETRY) as channel:
         assert wait_until(lambda: list(channel.instances().values()).count("ready") == 3, timeout=10)
         load = Load(channel, threads=4).start()
         try:

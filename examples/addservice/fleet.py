@@ -21,6 +21,12 @@ from discovery_examples.addservice.server import SERVICE, Adder, make_server
 
 import discovery_core as dc
 
+#: Retries for the idempotent Add when instances are killed in this process. A killed
+#: process drops its connections (UNAVAILABLE); an in-process kill, ``server.stop(0)``,
+#: cancels the calls in flight instead (CANCELLED, sent by the server), so both are
+#: retried here. RetryPolicy's default retries UNAVAILABLE only.
+KILL_RETRY = dc.RetryPolicy(codes=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}))
+
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
     """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""

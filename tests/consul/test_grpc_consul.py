@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc.aio
 import pytest
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
-from discovery_examples.addservice.fleet import Event, Fleet, Load, Traffic, wait_until
+from discovery_examples.addservice.fleet import KILL_RETRY, Event, Fleet, Load, Traffic, wait_until
 
 import discovery_core as dc
 from discovery_core import aio
@@ -70,7 +70,7 @@ def test_kill_with_retries_loses_nothing_and_health_flip_moves_traffic(
     backend: dc.Backend, fleet: Fleet, service: str
 ) -> None:
     victim, flipped, _stays = fleet.start(), fleet.start(), fleet.start()
-    with dc.discovery_channel(backend, service, retry=dc.RetryPolicy()) as channel:
+    with dc.discovery_channel(backend, service, retry=KILL_RETRY) as channel:
         assert wait_until(lambda: list(channel.instances().values()).count("ready") == 3, timeout=20)
         load = Load(channel, threads=4).start()
         try:
