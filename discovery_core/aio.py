@@ -359,6 +359,7 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
                 endpoint = await mc._pick(attempts, wait_for_ready)
                 if not endpoint.begin():
                     continue  # it closed after the pick: the picker no longer holds it
+                kwargs["timeout"] = attempts.left()
                 try:
                     self._call = mc._target(endpoint)(request, **kwargs)
                     return await self._call
@@ -370,8 +371,6 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
                         raise
                 finally:
                     pool.finished(endpoint)
-                if attempts.deadline is not None:
-                    kwargs["timeout"] = max(attempts.remaining() or 0.0, 0.001)
         except grpc.aio.AioRpcError as error:
             self._error = error
             raise

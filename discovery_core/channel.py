@@ -414,18 +414,18 @@ class Attempts:
 
     __slots__ = ("count", "deadline", "policy", "tried")
 
-    def __init__(self, timeout: float | None, policy: RetryPolicy | None) -> None:
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+    def __init__(self, timeout: float | None, policy: RetryPolicy | None, started: float | None = None) -> None:
+        self.deadline = None if timeout is None else (started or time.monotonic()) + timeout
         self.policy = policy
         self.tried: list[Any] = []
         self.count = 0
 
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
+    def left(self) -> float | None:
+        """The timeout of the next attempt: what remains of the call's deadline."""
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
 
     def expired(self) -> bool:
-        remaining = self.remaining()
-        return remaining is not None and remaining <= 0
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def again(self, endpoint: object, code: grpc.StatusCode, details: str | None) -> bool:
         """Record a failed attempt; True if another one is allowed."""
@@ -727,13 +727,14 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
         compression: grpc.Compression | None,
     ) -> Any:
         pool = self._pool
+        started = time.monotonic()
         endpoint = pool.picker.pick()
-        # The fast path: no bookkeeping for a call with no deadline and a ready endpoint.
-        attempts = None if timeout is None else Attempts(timeout, self._retry)
+        attempts = None  # the fast path keeps no bookkeeping until a pick or a call fails
         while True:
             if endpoint is None or not endpoint.begin():
-                attempts = attempts or Attempts(timeout, self._retry)
+                attempts = attempts or Attempts(timeout, self._retry, started)
                 endpoint = self._pick(attempts, wait_for_ready)
+                timeout = attempts.left()
                 continue
             try:
                 target = self._target(endpoint)
@@ -744,8 +745,7 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
                 if not isinstance(error, grpc.Call):
                     raise
                 code, details = error.code(), error.details()
-                if attempts is None:
-                    attempts = Attempts(None, self._retry)
+                attempts = attempts or Attempts(timeout, self._retry, started)
                 if never_sent(code, details):
                     pool.mark_down(endpoint)
                 if not attempts.again(endpoint, code, details):
@@ -753,8 +753,7 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
                 log.debug("%s on %s failed (%s); retrying", self._method, endpoint.instance.id, code)
             finally:
                 pool.finished(endpoint)
-            if attempts.deadline is not None:
-                timeout = max(attempts.remaining() or 0.0, 0.001)
+            timeout = attempts.left()
             endpoint = None
 
 
