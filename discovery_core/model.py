@@ -184,7 +184,8 @@ def _validate_address(address: object) -> None:
         ip = ipaddress.ip_address(address)
     except ValueError:
         labels = address.rstrip(".").split(".")
-        if len(address) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        # An all-numeric last label is a mistyped IP address, never a host name (RFC 3696).
+        if len(address) > 253 or labels[-1].isdigit() or not all(_HOST_LABEL.match(label) for label in labels):
             raise InvalidInstance("address", address, "is neither an IP address nor a host name") from None
         return
     if ip.is_unspecified:
