@@ -90,7 +90,6 @@ def _demo(args: argparse.Namespace) -> int:
                 load.stop()
             channel.close()
             fleet.close()
-    assert load is not None
     return _summary(load, events)
 
 
