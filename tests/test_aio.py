@@ -28,7 +28,9 @@ class AsyncAdder(add_pb2_grpc.AdderServicer):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    async def Add(self, request: add_pb2.AddRequest, context: grpc.aio.ServicerContext) -> add_pb2.AddReply:  # type: ignore[override]
+    async def Add(
+        self, request: add_pb2.AddRequest, context: grpc.aio.ServicerContext[add_pb2.AddRequest, add_pb2.AddReply]
+    ) -> add_pb2.AddReply:
         context.set_trailing_metadata((("instance", self.name),))
         return add_pb2.AddReply(v=request.a + request.b)
 
@@ -81,8 +83,10 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
-async def add(channel: grpc.aio.Channel, **kwargs: object) -> str:
-    call = add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=2, b=3), **kwargs)
+async def add(channel: grpc.aio.Channel, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> str:
+    call = add_pb2_grpc.AdderStub(channel).Add(
+        add_pb2.AddRequest(a=2, b=3), timeout=timeout, wait_for_ready=wait_for_ready
+    )
     reply = await call
     assert reply.v == 5
     return str(dict(await call.trailing_metadata())["instance"])

@@ -46,7 +46,7 @@ def channel(backend: dc.Backend) -> Iterator[dc.DiscoveryChannel]:
 
 def add(channel: grpc.Channel, **kwargs: Any) -> tuple[int, str]:
     reply, call = add_pb2_grpc.AdderStub(channel).Add.with_call(add_pb2.AddRequest(a=20, b=22), **kwargs)
-    return reply.v, dict(call.trailing_metadata() or ())["instance"]
+    return reply.v, str(dict(call.trailing_metadata() or ())["instance"])
 
 
 def answered_by(channel: grpc.Channel, calls: int) -> Counter[str]:
@@ -267,7 +267,7 @@ def test_generated_stubs_interceptors_and_with_work_unchanged(backend: dc.Backen
     fleet.start()
     seen: list[str] = []
 
-    class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
             seen.append(details.method)
             return continuation(details, request)

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{i} + {i * i}: failed: {code}: {error.details() if isinstance(error, grpc.Call) else error}")
             else:
                 answered = dict(call.trailing_metadata() or ()).get("instance", "?")
+                answered = answered.decode() if isinstance(answered, bytes) else answered
                 print(f"{i} + {i * i} = {reply.v}  (from {answered})")
             time.sleep(args.interval)
     return 1 if failed else 0
