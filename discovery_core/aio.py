@@ -35,7 +35,7 @@ from discovery_core.channel import (
     usable,
     waits,
 )
-from discovery_core.errors import InvalidConfig
+from discovery_core.errors import DiscoveryError, InvalidConfig
 from discovery_core.model import Check, ServiceInstance, Snapshot
 from discovery_core.registry import Registration, Registry
 from discovery_core.server import NOT_SERVING, SERVING, _has_health_service, _Plan, _plan
@@ -86,7 +86,10 @@ class AioServed:
         else:
             await self.set_serving(False)
         if self.registration is not None:
-            await asyncio.to_thread(self.registration.deregister)
+            try:
+                await asyncio.to_thread(self.registration.deregister)
+            except DiscoveryError as exc:  # leave anyway: the check will find it gone
+                log.warning("%s: could not deregister (%s); stopping anyway", self.instance.id, exc)
         wait = self._plan.drain if drain is None else drain
         if wait > 0:
             log.info("%s: draining %.1f s before stopping", self.instance.id, wait)

@@ -22,7 +22,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from discovery_core.errors import InvalidConfig
+from discovery_core.errors import DiscoveryError, InvalidConfig
 from discovery_core.model import Check, GrpcCheck, HealthStatus, ServiceInstance
 from discovery_core.registry import Registration, Registry
 
@@ -191,7 +191,10 @@ class Served:
         else:
             self.set_serving(False)
         if self.registration is not None:
-            self.registration.deregister()
+            try:
+                self.registration.deregister()
+            except DiscoveryError as exc:  # leave anyway: the check will find it gone
+                log.warning("%s: could not deregister (%s); stopping anyway", self.instance.id, exc)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until stopped (by ``stop()`` or a signal); like grpc's, True means the

@@ -164,3 +164,41 @@ def test_a_failed_registration_stops_the_server(executor: futures.ThreadPoolExec
     with pytest.raises(dc.ClosedError):
         dc.serve(server, backend, "add", advertise="127.0.0.1", handle_signals=False)
     assert not server.wait_for_termination(5)
+
+
+class Unreachable(dc.Registry):
+    """Registers in memory but cannot deregister, as a backend that went away."""
+
+    def __init__(self, backend: dc.Backend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def add(self, instance: dc.ServiceInstance) -> None:
+        self.backend.add(instance)
+
+    def deregister(self, instance_id: str) -> None:
+        raise dc.BackendUnavailable("connection refused", backend="test")
+
+    def heartbeat(self, instance_id: str) -> None:
+        self.backend.heartbeat(instance_id)
+
+    def is_registered(self, instance: dc.ServiceInstance) -> bool:
+        return self.backend.is_registered(instance)
+
+
+def test_stop_still_stops_the_server_when_deregistering_fails(
+    backend: dc.Backend, executor: futures.ThreadPoolExecutor
+) -> None:
+    registry = Unreachable(backend)
+    served = dc.serve(make_server(Adder(), executor), registry, "add", advertise="127.0.0.1", handle_signals=False)
+    served.stop(drain=0)
+    assert not served.server.wait_for_termination(5)
+    assert health_of_stopped(served.target)
+
+
+def health_of_stopped(target: str) -> bool:
+    try:
+        health_of(target)
+    except grpc.RpcError as error:
+        return isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.UNAVAILABLE
+    return False
