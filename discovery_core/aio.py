@@ -350,6 +350,8 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
         self._call: Any = None
         self._error: grpc.aio.AioRpcError | None = None
         self._task = asyncio.ensure_future(self._run(request, kwargs))
+        # The error is the caller's to await (or read from code()); never log it as unretrieved.
+        self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _run(self, request: Any, kwargs: dict[str, Any]) -> Any:
         mc = self._multicallable

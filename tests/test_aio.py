@@ -7,6 +7,7 @@ deadlines, and the one timing bound is the issue's 1 s after a health flip.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -236,3 +237,23 @@ async def test_streaming_calls_pick_when_made(backend: dc.Backend) -> None:
             assert [r async for r in echoed] == [b"x", b"y"]
         finally:
             await served.stop()
+
+
+async def test_a_call_object_answers_code_details_and_metadata(
+    channel: aio.AioDiscoveryChannel, fleet: AioFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    failed = add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=1), timeout=10)
+    assert await failed.code() is grpc.StatusCode.UNAVAILABLE
+    assert "'add'" in await failed.details()
+    assert failed.done()
+    del failed
+    gc.collect()
+    assert "never retrieved" not in caplog.text  # as with grpc's own calls, the error is only raised if awaited
+    name = await fleet.start()
+    await asyncio.wait_for(channel.channel_ready(), 10)
+    call = add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=1), timeout=10)
+    assert (await call).v == 2
+    assert await call.code() is grpc.StatusCode.OK
+    assert dict(await call.trailing_metadata())["instance"] == name
+    await call.initial_metadata()
+    assert not call.cancelled()
