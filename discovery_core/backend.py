@@ -64,7 +64,7 @@ class Backend(Registry, Watcher):
         """Construct, turning an unknown option into ``InvalidConfig`` naming it."""
         parameters = inspect.signature(cls).parameters
         known = [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        for option, value in options.items():
+        for option in options:
             if option not in known:
                 reason = f"unknown option; known: {', '.join(known) or 'none'}"
                 # Never echo the value: a misspelled "token" option would show the secret.
