@@ -7,6 +7,15 @@ mapping of Consul's status codes to exceptions. We build every request ourselves
 its API methods send snake_case check definitions that Consul 1.8 rejects, read
 ``CONSUL_HTTP_TOKEN`` over an explicit token, and cannot ask for stale reads.
 
+The watch's blocking query (``health``, the hot path) skips py-consul and requests
+and goes through urllib3 directly, on a pool of the same wakeable connections with the
+same TLS settings, timeout and token header: py-consul has no streaming or wakeable
+call to offer, and requests' layers (preparing the request, the session, the adapter,
+building its Response) and py-consul's callback cost about half a millisecond on every
+answer, which is most of the time from a change to a subscriber seeing it. Any answer
+but a 200 with an index and a JSON body still goes through py-consul's callback, so
+status codes map to the same errors as every other call.
+
 A blocking query can be woken: while one runs, its connection's socket is known to
 the ``Stop`` of the watch that asked, and setting that ``Stop`` shuts the socket down.
 """
@@ -19,17 +28,23 @@ import json
 import re
 import socket
 import ssl
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 import consul
+import consul.base
 import consul.callback
 import consul.exceptions
+import consul.std
 import requests
 import requests.adapters
+import requests.utils
+import urllib3
 import urllib3.connection
 import urllib3.connectionpool
+import urllib3.exceptions
 import urllib3.response
 
 from discovery_core import BackendUnavailable, DiscoveryError, PermissionDenied, Stop
@@ -88,6 +103,24 @@ class _WakeableAdapter(requests.adapters.HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
+def _pool(settings: Settings, maxsize: int) -> urllib3.connectionpool.HTTPConnectionPool:
+    """The blocking query's own pool: the adapter's wakeable connections with the TLS
+    settings requests would give them (a CA file, else requests' bundle; a client
+    certificate; verify), no retries (as requests), no proxy (as ``trust_env=False``)."""
+    if settings.scheme != "https":
+        return _HTTPPool(settings.host, settings.port, maxsize=maxsize, retries=False)
+    return _HTTPSPool(
+        settings.host,
+        settings.port,
+        maxsize=maxsize,
+        retries=False,
+        cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
+        ca_certs=(settings.ca_file or requests.utils.DEFAULT_CA_BUNDLE_PATH) if settings.verify else None,
+        cert_file=settings.cert_file,
+        key_file=settings.key_file if settings.cert_file else None,
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved connection settings; ``token`` is kept out of the repr."""
@@ -143,9 +176,12 @@ class ConsulClient:
         session.mount("https://", adapter)
         self._session = session
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
+        self._pool = _pool(settings, pool_size)
+        self._timeouts: dict[str, urllib3.Timeout] = {}
 
     def close(self) -> None:
         self._session.close()
+        self._pool.close()
 
     def __repr__(self) -> str:
         return f"<ConsulClient {self._settings.base_url}>"
@@ -187,23 +223,39 @@ class ConsulClient:
     def health(self, service: str, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
         """GET /v1/health/service/<service>; a blocking query when ``params`` holds an
         index and a wait. Setting ``stop`` ends it at once."""
-
-        def get() -> tuple[str, Any]:
-            return cast(
-                "tuple[str, Any]",
-                self._http.get(
-                    consul.callback.CB.json(index=True, allow_404=False),
-                    f"/v1/health/service/{service}",
-                    params=params,
-                    headers=self._headers,
-                ),
-            )
-
+        url = f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}"
+        if params:
+            url = f"{url}?{urllib.parse.urlencode(params)}"
         token = _current_stop.set(stop)
         try:
-            index, entries = self._call(get)
+            response = self._pool.urlopen(
+                "GET",
+                url,
+                headers=self._headers,
+                retries=False,
+                redirect=False,
+                timeout=self._timeout(params),
+                preload_content=False,
+                decode_content=False,
+            )
+            try:
+                body = response.read()
+            finally:
+                response.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self._translate(exc)
         finally:
             _current_stop.reset(token)
+        index: Any = response.headers.get("X-Consul-Index")
+        entries: Any = None
+        if response.status == 200 and index is not None:
+            with contextlib.suppress(ValueError):
+                entries = json.loads(body)
+        if entries is None:
+            # Anything unexpected: py-consul's callback raises what it raises for
+            # every other call, and _call translates it.
+            answer = consul.base.Response(response.status, response.headers, body.decode("utf-8", "replace"))
+            index, entries = self._call(lambda: consul.callback.CB.json(index=True, allow_404=False)(answer))
         if not isinstance(entries, list):
             raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-list for {service!r}")
         try:
@@ -211,12 +263,32 @@ class ConsulClient:
         except ValueError:
             raise DiscoveryError(f"Consul at {self._settings.base_url} sent a bad index {index!r}") from None
 
+    def _timeout(self, params: list[tuple[str, str]]) -> urllib3.Timeout:
+        """What requests would be given: the timeout, plus a blocking query's wait and
+        its jitter (up to wait/16)."""
+        given = dict(params)
+        wait = given.get("wait", "default") if "index" in given else ""
+        timeout = self._timeouts.get(wait)
+        if timeout is None:
+            seconds = self._settings.timeout
+            if wait:
+                wait_seconds = consul.std.DEFAULT_WAIT if wait == "default" else consul.std.parse_duration(wait)
+                seconds += wait_seconds * 17 / 16
+            timeout = self._timeouts[wait] = urllib3.Timeout(connect=seconds, read=seconds)
+        return timeout
+
     # -- error translation ------------------------------------------------------------
 
     def _call(self, call: Callable[[], _T]) -> _T:
         try:
             return call()
-        except (consul.exceptions.ConsulException, requests.RequestException, OSError, ValueError) as exc:
+        except (
+            consul.exceptions.ConsulException,
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            OSError,
+            ValueError,
+        ) as exc:
             self._translate(exc)
 
     def _redact(self, text: str) -> str:
@@ -242,12 +314,15 @@ class ConsulClient:
             if _UNAVAILABLE.search(text):
                 raise BackendUnavailable(f"{where} cannot serve: {text}") from exc
             raise DiscoveryError(f"{where} failed: {text}") from exc
-        if isinstance(exc, requests.exceptions.SSLError) or _caused_by(exc, ssl.SSLError):
+        if isinstance(exc, requests.exceptions.SSLError | urllib3.exceptions.SSLError) or _caused_by(exc, ssl.SSLError):
             hint = "" if self._settings.ca_file else "; is the agent's CA given (ca_file=)?"
             raise BackendUnavailable(f"TLS with {where} failed: {_reason(exc)}{hint}") from exc
-        if isinstance(exc, requests.exceptions.Timeout):
+        if isinstance(exc, requests.exceptions.Timeout) or (
+            isinstance(exc, urllib3.exceptions.TimeoutError)
+            and not isinstance(exc, urllib3.exceptions.NewConnectionError)
+        ):
             raise BackendUnavailable(f"{where} did not answer in time: {_reason(exc)}") from exc
-        if isinstance(exc, requests.RequestException | OSError):
+        if isinstance(exc, requests.RequestException | urllib3.exceptions.HTTPError | OSError):
             raise BackendUnavailable(f"{where} is unreachable: {_reason(exc)}") from exc
         raise DiscoveryError(f"{where} sent an answer that could not be read: {text}") from exc
 

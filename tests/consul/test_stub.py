@@ -6,16 +6,18 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from discovery_consul.devagent import free_port
 
 import discovery_core as dc
 
 Until = Callable[[Callable[[], bool], float, str], None]
-Answer = tuple[int, int, object]  # status, X-Consul-Index, body
+Answer = tuple[int, int | None, object]  # status, X-Consul-Index (None: no header), body
 
 
 def _entry(service: str, port: int) -> dict[str, Any]:
@@ -36,6 +38,7 @@ class Stub(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.answers = answers
         self.requests: list[dict[str, str]] = []
+        self.tokens: list[str | None] = []
         self.lock = threading.Lock()
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -45,8 +48,9 @@ class Stub(http.server.ThreadingHTTPServer):
     def address(self) -> str:
         return f"127.0.0.1:{self.server_address[1]}"
 
-    def next_answer(self, path: str) -> Answer | None:
+    def next_answer(self, path: str, token: str | None = None) -> Answer | None:
         with self.lock:
+            self.tokens.append(token)
             self.requests.append(
                 {
                     "path": urllib.parse.urlsplit(path).path,
@@ -66,14 +70,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: Stub
 
     def _answer(self) -> None:
-        answer = self.server.next_answer(self.path)
+        answer = self.server.next_answer(self.path, self.headers.get("X-Consul-Token"))
         if answer is None:
             self.server.closing.wait(30)
             return
         status, index, body = answer
         payload = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("X-Consul-Index", str(index))
+        if index is not None:
+            self.send_header("X-Consul-Index", str(index))
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -163,3 +168,80 @@ def test_consul_status_codes_become_typed_errors(
     assert stub.address in str(raised.value)
     if error is dc.DiscoveryError:
         assert type(raised.value) is dc.DiscoveryError
+
+
+def test_closing_a_watch_wakes_its_blocking_query_at_once(
+    stub_factory: Callable[[list[Answer]], Stub], until: Until
+) -> None:
+    stub = stub_factory([(200, 5, [_entry("svc", 1)])])
+    with dc.connect(f"consul://{stub.address}?wait=10m") as backend:
+        watch = backend.watch("svc")
+        watch.wait(timeout=5)
+        until(lambda: len(_indexes(stub)) == 2, 5, "the blocking query")  # held by the stub
+        started = time.monotonic()
+        watch.close()
+        assert time.monotonic() - started < 1.0
+        assert not [t for t in threading.enumerate() if t.name.startswith("discovery-watch:")]
+
+
+def test_the_watch_sends_the_token(stub_factory: Callable[[list[Answer]], Stub], until: Until) -> None:
+    stub = stub_factory([(200, 5, [_entry("svc", 1)])])
+    with dc.connect("consul", address=stub.address, token="s3cret-token") as backend, backend.watch("svc") as watch:
+        watch.wait(timeout=5)
+        until(lambda: len(_indexes(stub)) == 2, 5, "the blocking query")
+    assert stub.tokens[:2] == ["s3cret-token", "s3cret-token"]
+
+
+@pytest.mark.parametrize(
+    ("status", "index", "body", "error", "text"),
+    [
+        (403, 1, "Permission denied: token s3cret-token", dc.PermissionDenied, "Permission denied"),
+        (401, 1, "ACL support disabled", dc.PermissionDenied, "refused the request (401)"),
+        (404, 1, "no such thing", dc.DiscoveryError, "no such thing"),
+        (500, 1, "No cluster leader", dc.BackendUnavailable, "No cluster leader"),
+        (502, 1, "Bad gateway", dc.BackendUnavailable, "502"),
+        (500, 1, "No path to datacenter", dc.DiscoveryError, "No path to datacenter"),
+        (200, 1, "not json", dc.DiscoveryError, "Failed to decode JSON"),
+        (200, None, [], dc.DiscoveryError, "Missing index header"),
+        (200, 1, {"not": "a list"}, dc.DiscoveryError, "non-list"),
+        (200, "x", [], dc.DiscoveryError, "bad index"),
+    ],
+)
+def test_the_watch_query_maps_answers_to_typed_errors(
+    stub_factory: Callable[[list[Answer]], Stub],
+    status: int,
+    index: int | None,
+    body: object,
+    error: type[dc.DiscoveryError],
+    text: str,
+) -> None:
+    stub = stub_factory([(status, index, body)])
+    with dc.connect("consul", address=stub.address, token="s3cret-token") as backend, pytest.raises(error) as raised:
+        backend.instances("svc")
+    message = str(raised.value)
+    assert text in message
+    assert stub.address in message
+    assert "s3cret-token" not in message
+    if error is dc.DiscoveryError:
+        assert type(raised.value) is dc.DiscoveryError
+
+
+def test_an_unreachable_agent_is_backend_unavailable_on_the_watch_query() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    backend = dc.connect("consul", address=address, token="s3cret-token")
+    with backend, pytest.raises(dc.BackendUnavailable) as raised:
+        backend.instances("svc")
+    assert f"Consul at http://{address} is unreachable: connection refused" in str(raised.value)
+    assert "s3cret-token" not in str(raised.value)
+
+
+def test_an_agent_that_never_answers_times_out_on_the_watch_query(
+    stub_factory: Callable[[list[Answer]], Stub],
+) -> None:
+    stub = stub_factory([])  # holds every request
+    with dc.connect("consul", address=stub.address, timeout=0.3) as backend:
+        started = time.monotonic()
+        with pytest.raises(dc.BackendUnavailable) as raised:
+            backend.instances("svc")
+    assert time.monotonic() - started < 5
+    assert "did not answer in time" in str(raised.value)
