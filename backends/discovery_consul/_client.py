@@ -7,31 +7,35 @@ mapping of Consul's status codes to exceptions. We build every request ourselves
 its API methods send snake_case check definitions that Consul 1.8 rejects, read
 ``CONSUL_HTTP_TOKEN`` over an explicit token, and cannot ask for stale reads.
 
-The watch's blocking query (``health``, the hot path) skips py-consul and requests
-and goes through urllib3 directly, on a pool of the same wakeable connections with the
-same TLS settings, timeout and token header: py-consul has no streaming or wakeable
-call to offer, and requests' layers (preparing the request, the session, the adapter,
-building its Response) and py-consul's callback cost about half a millisecond on every
-answer, which is most of the time from a change to a subscriber seeing it. Any answer
-but a 200 with an index and a JSON body still goes through py-consul's callback, so
-status codes map to the same errors as every other call.
+The watch's blocking query (``health``, the hot path) skips py-consul, requests and
+urllib3's pool: it runs on keep-alive connections of urllib3's connection classes
+(so TLS is set up as for every other call: CA file, else requests' CA bundle, client
+certificate, verify), with the same timeout (``timeout`` plus the wait and its
+jitter, wait/16) and token header, and reads each answer as http.client does. Why:
+py-consul has no wakeable call to offer, and the layers above http.client (requests'
+request preparation, session, adapter and Response; py-consul's callback; urllib3's
+pool and HTTPResponse) cost about half a millisecond on every answer, which was
+most of the time from a change to a subscriber holding it. Any answer but a 200
+with an index and a JSON body still goes through py-consul's callback, so status
+codes map to the same errors as on every other call.
 
-A blocking query can be woken: while one runs, its connection's socket is known to
-the ``Stop`` of the watch that asked, and setting that ``Stop`` shuts the socket down.
+A blocking query can be woken: while one runs, its socket is known to the ``Stop``
+of the watch that asked, and setting that ``Stop`` shuts the socket down.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import http.client
 import json
 import re
 import socket
 import ssl
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import consul
 import consul.base
@@ -41,11 +45,8 @@ import consul.std
 import requests
 import requests.adapters
 import requests.utils
-import urllib3
 import urllib3.connection
-import urllib3.connectionpool
 import urllib3.exceptions
-import urllib3.response
 
 from discovery_core import BackendUnavailable, DiscoveryError, PermissionDenied, Stop
 
@@ -55,9 +56,6 @@ _T = TypeVar("_T")
 
 _UNAVAILABLE = re.compile(r"^50[234]\b|No cluster leader|No known Consul servers|rpc error|connection refused", re.I)
 
-# The Stop of the blocking query running on this thread, if any.
-_current_stop: contextvars.ContextVar[Stop | None] = contextvars.ContextVar("discovery_consul_stop", default=None)
-
 
 def _shutdown(sock: socket.socket) -> None:
     # socket.socket.shutdown, not SSLSocket.shutdown: the reading thread keeps its
@@ -66,59 +64,89 @@ def _shutdown(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def _wakeable(sock: socket.socket | None, getresponse: Callable[[], _T]) -> _T:
-    """Wait for a response; if this thread runs a blocking query, setting that
-    query's Stop shuts the socket down and the read returns at once."""
-    stop = _current_stop.get()
-    if stop is None or sock is None:
-        return getresponse()
-    remove = stop.on_set(lambda: _shutdown(sock))
-    try:
-        return getresponse()
-    finally:
-        remove()
+class _Answer(NamedTuple):
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
 
 
 class _HTTPConnection(urllib3.connection.HTTPConnection):
-    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]  # as urllib3 does
-        return _wakeable(self.sock, super().getresponse)
+    """urllib3's connection, asked a GET whose answer is read as http.client reads
+    it (urllib3's HTTPResponse costs about 80 us per answer), and cut short by
+    shutting the socket down when ``stop`` is set."""
+
+    def ask(self, url: str, headers: Mapping[str, str], timeout: float, stop: Stop | None) -> _Answer:
+        self.timeout = timeout  # connect, send and read
+        self.request("GET", url, headers=headers)
+        sock = self.sock
+        if sock is None:  # cannot be after a request; typing says it could
+            raise http.client.NotConnected()
+        remove = stop.on_set(lambda: _shutdown(sock)) if stop is not None else None
+        try:
+            self._response_options = None  # urllib3's getresponse is not used
+            sock.settimeout(timeout)
+            response = http.client.HTTPConnection.getresponse(self)
+            return _Answer(response.status, response.msg, response.read())
+        finally:
+            if remove is not None:
+                remove()
 
 
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]  # as urllib3 does
-        return _wakeable(self.sock, super().getresponse)
+class _HTTPSConnection(_HTTPConnection, urllib3.connection.HTTPSConnection):
+    pass
 
 
-class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
+class _Connections:
+    """Keep-alive connections for blocking queries, one in use per watch: what they
+    need of urllib3's pool (take the latest idle one, reconnecting if the agent
+    closed it; give it back unless full or closed)."""
 
+    def __init__(self, settings: Settings, maxsize: int) -> None:
+        self._settings = settings
+        self._maxsize = maxsize
+        self._idle: list[_HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
 
-class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+    def take(self) -> _HTTPConnection:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            return self._new()
+        if not conn.is_connected:  # the agent closed it (a restart, an idle timeout)
+            conn.close()  # the next request connects again
+        return conn
 
+    def give(self, conn: _HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._maxsize:
+                self._idle.append(conn)
+                return
+        conn.close()
 
-class _WakeableAdapter(requests.adapters.HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
-
-def _pool(settings: Settings, maxsize: int) -> urllib3.connectionpool.HTTPConnectionPool:
-    """The blocking query's own pool: the adapter's wakeable connections with the TLS
-    settings requests would give them (a CA file, else requests' bundle; a client
-    certificate; verify), no retries (as requests), no proxy (as ``trust_env=False``)."""
-    if settings.scheme != "https":
-        return _HTTPPool(settings.host, settings.port, maxsize=maxsize, retries=False)
-    return _HTTPSPool(
-        settings.host,
-        settings.port,
-        maxsize=maxsize,
-        retries=False,
-        cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
-        ca_certs=(settings.ca_file or requests.utils.DEFAULT_CA_BUNDLE_PATH) if settings.verify else None,
-        cert_file=settings.cert_file,
-        key_file=settings.key_file if settings.cert_file else None,
-    )
+    def _new(self) -> _HTTPConnection:
+        """A connection with the TLS settings requests gives its own: the CA file, else
+        requests' CA bundle; the client certificate; verify. No proxy, as for the
+        session (``trust_env=False``)."""
+        settings = self._settings
+        if settings.scheme != "https":
+            return _HTTPConnection(settings.host, settings.port, timeout=settings.timeout)
+        return _HTTPSConnection(
+            settings.host,
+            settings.port,
+            timeout=settings.timeout,
+            cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
+            ca_certs=(settings.ca_file or requests.utils.DEFAULT_CA_BUNDLE_PATH) if settings.verify else None,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file if settings.cert_file else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,18 +198,18 @@ class ConsulClient:
         self._consul.token = None  # py-consul reads CONSUL_HTTP_TOKEN over ours; we send our own header
         self._http = self._consul.http
         session: requests.Session = self._http.session
-        session.trust_env = False  # no proxy between us and the local agent: a blocking query must be wakeable
-        adapter = _WakeableAdapter(pool_connections=2, pool_maxsize=pool_size)
+        session.trust_env = False  # no proxy between us and the local agent
+        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._session = session
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
-        self._pool = _pool(settings, pool_size)
-        self._timeouts: dict[str, urllib3.Timeout] = {}
+        self._connections = _Connections(settings, pool_size)
+        self._timeouts: dict[str, float] = {}
 
     def close(self) -> None:
         self._session.close()
-        self._pool.close()
+        self._connections.close()
 
     def __repr__(self) -> str:
         return f"<ConsulClient {self._settings.base_url}>"
@@ -226,35 +254,22 @@ class ConsulClient:
         url = f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}"
         if params:
             url = f"{url}?{urllib.parse.urlencode(params)}"
-        token = _current_stop.set(stop)
+        conn = self._connections.take()
         try:
-            response = self._pool.urlopen(
-                "GET",
-                url,
-                headers=self._headers,
-                retries=False,
-                redirect=False,
-                timeout=self._timeout(params),
-                preload_content=False,
-                decode_content=False,
-            )
-            try:
-                body = response.read()
-            finally:
-                response.release_conn()
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            status, headers, body = conn.ask(url, self._headers, self._timeout(params), stop)
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+            conn.close()
             self._translate(exc)
-        finally:
-            _current_stop.reset(token)
-        index: Any = response.headers.get("X-Consul-Index")
+        self._connections.give(conn)
+        index: Any = headers.get("X-Consul-Index")
         entries: Any = None
-        if response.status == 200 and index is not None:
+        if status == 200 and index is not None:
             with contextlib.suppress(ValueError):
                 entries = json.loads(body)
         if entries is None:
             # Anything unexpected: py-consul's callback raises what it raises for
             # every other call, and _call translates it.
-            answer = consul.base.Response(response.status, response.headers, body.decode("utf-8", "replace"))
+            answer = consul.base.Response(status, dict(headers.items()), body.decode("utf-8", "replace"))
             index, entries = self._call(lambda: consul.callback.CB.json(index=True, allow_404=False)(answer))
         if not isinstance(entries, list):
             raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-list for {service!r}")
@@ -263,7 +278,7 @@ class ConsulClient:
         except ValueError:
             raise DiscoveryError(f"Consul at {self._settings.base_url} sent a bad index {index!r}") from None
 
-    def _timeout(self, params: list[tuple[str, str]]) -> urllib3.Timeout:
+    def _timeout(self, params: list[tuple[str, str]]) -> float:
         """What requests would be given: the timeout, plus a blocking query's wait and
         its jitter (up to wait/16)."""
         given = dict(params)
@@ -274,7 +289,7 @@ class ConsulClient:
             if wait:
                 wait_seconds = consul.std.DEFAULT_WAIT if wait == "default" else consul.std.parse_duration(wait)
                 seconds += wait_seconds * 17 / 16
-            timeout = self._timeouts[wait] = urllib3.Timeout(connect=seconds, read=seconds)
+            timeout = self._timeouts[wait] = seconds
         return timeout
 
     # -- error translation ------------------------------------------------------------
@@ -286,6 +301,7 @@ class ConsulClient:
             consul.exceptions.ConsulException,
             requests.RequestException,
             urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
             OSError,
             ValueError,
         ) as exc:
@@ -317,12 +333,14 @@ class ConsulClient:
         if isinstance(exc, requests.exceptions.SSLError | urllib3.exceptions.SSLError) or _caused_by(exc, ssl.SSLError):
             hint = "" if self._settings.ca_file else "; is the agent's CA given (ca_file=)?"
             raise BackendUnavailable(f"TLS with {where} failed: {_reason(exc)}{hint}") from exc
-        if isinstance(exc, requests.exceptions.Timeout) or (
+        if isinstance(exc, requests.exceptions.Timeout | TimeoutError) or (
             isinstance(exc, urllib3.exceptions.TimeoutError)
             and not isinstance(exc, urllib3.exceptions.NewConnectionError)
         ):
             raise BackendUnavailable(f"{where} did not answer in time: {_reason(exc)}") from exc
-        if isinstance(exc, requests.RequestException | urllib3.exceptions.HTTPError | OSError):
+        if isinstance(
+            exc, requests.RequestException | urllib3.exceptions.HTTPError | http.client.HTTPException | OSError
+        ):
             raise BackendUnavailable(f"{where} is unreachable: {_reason(exc)}") from exc
         raise DiscoveryError(f"{where} sent an answer that could not be read: {text}") from exc
 
