@@ -15,7 +15,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "propagation.py"
 
 def test_consul_run_reports_floor_consul_and_ratio(consul_agent: Any, capsys: pytest.CaptureFixture[str]) -> None:
     run = runpy.run_path(str(BENCH), run_name="bench_propagation")["run"]
-    floor, consul = run(["--backends", "consul", "--consul-count", "3", "--consul-address", consul_agent.address])
-    assert (floor.label, consul.label) == ("consul floor (raw)", "consul")
-    assert len(floor.samples) == len(consul.samples) == 3
-    assert "consul p50 / floor p50 =" in capsys.readouterr().out
+    raw, same, consul = run(["--backends", "consul", "--consul-count", "3", "--consul-address", consul_agent.address])
+    assert (raw.label, same.label, consul.label) == ("floor (raw PUT)", "floor (same register())", "consul")
+    assert len(raw.samples) == len(same.samples) == len(consul.samples) == 3
+    out = capsys.readouterr().out
+    assert "consul p50 / floor (same register()) p50 =" in out
+    assert "consul p50 / floor (raw PUT) p50 =" in out
