@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from discovery_core.channel import (
     Attempts,
+    EndpointMethod,
     HealthFollower,
     Picker,
     Pool,
@@ -274,7 +275,7 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
 
 
-class _AioCall:
+class _AioCall(EndpointMethod[_AioPool]):
     """What every multicallable of the aio discovery channel shares: the pick."""
 
     def __init__(
@@ -285,22 +286,9 @@ class _AioCall:
         request_serializer: Callable[..., Any] | None,
         response_deserializer: Callable[..., Any] | None,
     ) -> None:
-        self._pool = channel._pool
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
+        super().__init__(channel._pool, kind, method, request_serializer, response_deserializer)
         retry = channel._retry
         self._retry = retry if retry is not None and retry.applies(method) else None
-
-    def _target(self, endpoint: _Endpoint[grpc.aio.Channel]) -> Any:
-        target = endpoint.calls.get(self)
-        if target is None:
-            factory = getattr(endpoint.channel, self._kind)
-            target = endpoint.calls[self] = factory(
-                self._method, self._serializer, self._deserializer, _registered_method=True
-            )
-        return target
 
     async def _pick(self, attempts: Attempts, wait_for_ready: bool | None) -> _Endpoint[grpc.aio.Channel]:
         pool = self._pool

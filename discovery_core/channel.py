@@ -46,6 +46,7 @@ __all__ = ["DiscoveryChannel", "Picker", "RetryPolicy", "discovery_channel"]
 log = logging.getLogger("discovery_core.channel")
 
 C = TypeVar("C")
+P = TypeVar("P", bound="Pool[Any]")
 Policy = Literal["round_robin", "weighted_round_robin", "least_request"]
 
 _CONNECTING, _READY, _DOWN = "connecting", "ready", "down"
@@ -596,10 +597,40 @@ def unpicked(
     return _UNAVAILABLE, picker.why_none()
 
 
-class _Call:
-    """What every multicallable of the discovery channel shares: the pick."""
+class EndpointMethod(Generic[P]):
+    """One RPC method of a discovery channel, sync or aio: it makes the method's
+    multicallable once per endpoint, on that endpoint's own grpc channel."""
 
     __slots__ = ("_deserializer", "_kind", "_method", "_pool", "_serializer")
+
+    def __init__(
+        self,
+        pool: P,
+        kind: str,
+        method: str,
+        request_serializer: Callable[..., Any] | None,
+        response_deserializer: Callable[..., Any] | None,
+    ) -> None:
+        self._pool = pool
+        self._kind = kind
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+
+    def _target(self, endpoint: _Endpoint[Any]) -> Any:
+        target = endpoint.calls.get(self)
+        if target is None:
+            factory = getattr(endpoint.channel, self._kind)
+            target = endpoint.calls[self] = factory(
+                self._method, self._serializer, self._deserializer, _registered_method=True
+            )
+        return target
+
+
+class _Call(EndpointMethod["_SyncPool"]):
+    """What every multicallable of the discovery channel shares: the pick."""
+
+    __slots__ = ()
 
     def __init__(
         self,
@@ -609,20 +640,7 @@ class _Call:
         request_serializer: Callable[..., Any] | None,
         response_deserializer: Callable[..., Any] | None,
     ) -> None:
-        self._pool = channel._pool
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-
-    def _target(self, endpoint: _Endpoint[grpc.Channel]) -> Any:
-        target = endpoint.calls.get(self)
-        if target is None:
-            factory = getattr(endpoint.channel, self._kind)
-            target = endpoint.calls[self] = factory(
-                self._method, self._serializer, self._deserializer, _registered_method=True
-            )
-        return target
+        super().__init__(channel._pool, kind, method, request_serializer, response_deserializer)
 
     def _pick(self, attempts: Attempts, wait_for_ready: bool | None) -> _Endpoint[Any]:
         """The slow path: an endpoint not tried yet, waiting for one if the call waits."""
