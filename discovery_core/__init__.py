@@ -29,7 +29,7 @@ from discovery_core.model import (
 )
 from discovery_core.registry import Registration, Registry
 from discovery_core.server import Served, serve
-from discovery_core.watcher import Query, Stop, Watch, Watcher
+from discovery_core.watcher import Feed, Query, Stop, Watch, Watcher
 
 __all__ = [
     "Backend",
@@ -39,6 +39,7 @@ __all__ = [
     "ClosedError",
     "DiscoveryChannel",
     "DiscoveryError",
+    "Feed",
     "GrpcCheck",
     "HealthStatus",
     "HttpCheck",

@@ -2,9 +2,10 @@
 
 A backend supplies one primitive, ``Watcher.poll`` (a blocking query: return the
 service's snapshot once it is newer than an index). Everything else is written once
-here: one feed thread per (backend, service, filter) however many subscribers there
-are; dedupe by content; coalescing (a slow reader sees the latest set, never a
-backlog); a token bucket against a feed that spins; capped exponential backoff with
+here: one feed per (backend, service, filter) however many subscribers there are
+(a thread polling it, unless the backend drives its feeds itself); dedupe by
+content; coalescing (a slow reader sees the latest set, never a backlog); a token
+bucket against a feed that spins; capped exponential backoff with
 jitter and the last known set marked ``stale`` while the backend is down; and the
 ``Watch`` handle with ``wait``, iteration, ``async for`` and ``subscribe``.
 """
@@ -27,7 +28,7 @@ from typing import Self
 from discovery_core.errors import BackendUnavailable, ClosedError, DiscoveryError, InvalidInstance
 from discovery_core.model import HealthStatus, ServiceInstance, Snapshot
 
-__all__ = ["Query", "Stop", "Watch", "Watcher"]
+__all__ = ["Feed", "Query", "Stop", "Watch", "Watcher"]
 
 log = logging.getLogger("discovery_core.watch")
 
@@ -161,8 +162,14 @@ def _next_index(previous: int, returned: int) -> int:
     return 0 if returned < previous else max(returned, 1)
 
 
-class _Feed:
-    """One thread polling one query, fanning snapshots out to every subscriber."""
+class Feed:
+    """One query's shared state: its subscribers, the current snapshot and the last
+    error, fanned out to every ``Watch`` handle of the query.
+
+    Something drives it: by default a thread calling the backend's ``poll`` in a loop
+    (``Watcher.start_feed``); a backend that watches many queries over few connections
+    overrides ``start_feed``/``stop_feed`` and calls ``deliver``/``fail`` itself.
+    """
 
     def __init__(self, watcher: Watcher, query: Query) -> None:
         self.watcher = watcher
@@ -170,29 +177,37 @@ class _Feed:
         self.refs = 0
         self.error: DiscoveryError | None = None
         self.current: Snapshot | None = None
-        self._stop = Stop()
+        #: Set once, when the last handle closes; a blocking poll may register a waker.
+        self.stopping = Stop()
         self._deliver_lock = threading.RLock()
         self._subscribers: dict[int, Subscriber] = {}
         self._closers: dict[int, Callable[[], None]] = {}
         self._keys = itertools.count()
-        self._thread = threading.Thread(target=self._run, name=f"discovery-watch:{query.service}", daemon=True)
+        self._thread: threading.Thread | None = None
 
     @property
     def closed(self) -> bool:
-        return self._stop.is_set()
+        return self.stopping.is_set()
 
-    def start(self) -> None:
+    def poll_in_thread(self, on_exit: Callable[[], None] | None = None) -> None:
+        """Drive this feed with a thread calling the watcher's ``poll`` in a loop;
+        ``on_exit`` runs when that thread ends (after the feed stopped)."""
+        self._thread = threading.Thread(
+            target=self._run, args=(on_exit,), name=f"discovery-watch:{self.query.service}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stopping.set()
         with self._deliver_lock:
             closers = list(self._closers.values())
         for closer in closers:
             closer()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=self.watcher.close_timeout)
-            if self._thread.is_alive():
+        self.watcher.stop_feed(self)
+        thread = self._thread
+        if thread is not None and threading.current_thread() is not thread and self.watcher.close_timeout > 0:
+            thread.join(timeout=self.watcher.close_timeout)
+            if thread.is_alive():
                 log.warning("watch on %r: the backend's poll did not return on close", self.query.service)
 
     def subscribe(self, callback: Subscriber, on_close: Callable[[], None] | None = None) -> Callable[[], None]:
@@ -211,7 +226,7 @@ class _Feed:
             self._subscribers.pop(key, None)
             self._closers.pop(key, None)
 
-    def _deliver(self, snapshot: Snapshot) -> None:
+    def _publish(self, snapshot: Snapshot) -> None:
         with self._deliver_lock:
             self.current = snapshot
             for callback in list(self._subscribers.values()):
@@ -223,21 +238,31 @@ class _Feed:
         except Exception:  # a subscriber's bug must not stop the feed for the others
             log.exception("watch on %r: a subscriber raised", self.query.service)
 
-    def _accept(self, snapshot: Snapshot) -> None:
+    def deliver(self, snapshot: Snapshot) -> None:
+        """A fresh answer from the backend: published unless it changes nothing. The
+        index never goes backwards for subscribers, whatever the backend's did."""
         current = self.current
         if current is not None and not current.stale and snapshot.same_content(current):
             return
         index = snapshot.index if current is None else max(snapshot.index, current.index + 1)
-        self._deliver(dataclasses.replace(snapshot, index=index, stale=False))
+        self._publish(dataclasses.replace(snapshot, index=index, stale=False))
 
-    def _fail(self, error: DiscoveryError) -> None:
+    def fail(self, error: DiscoveryError) -> None:
+        """The backend could not answer: keep the last set, marked ``stale``."""
         self.error = error
         current = self.current
         if current is not None and not current.stale:
-            self._deliver(dataclasses.replace(current, stale=True))
+            self._publish(dataclasses.replace(current, stale=True))
 
-    def _run(self) -> None:
-        watcher, stop, service = self.watcher, self._stop, self.query.service
+    def _run(self, on_exit: Callable[[], None] | None) -> None:
+        try:
+            self._poll_loop()
+        finally:
+            if on_exit is not None:
+                on_exit()
+
+    def _poll_loop(self) -> None:
+        watcher, stop, service = self.watcher, self.stopping, self.query.service
         bucket = _TokenBucket(watcher.poll_rate, watcher.poll_burst)
         backoff = _Backoff(watcher.retry_base, watcher.retry_cap)
         index = 0
@@ -257,7 +282,7 @@ class _Feed:
                 # Read at once when the backend answers again: a restarted backend's
                 # index may sit below ours, and a blocking poll would wait it out.
                 index = 0
-                self._fail(error)
+                self.fail(error)
                 if stop.wait(backoff.next()):
                     break
                 continue
@@ -269,7 +294,7 @@ class _Feed:
                 self.error = None
                 backoff.reset()
             index = _next_index(index, snapshot.index)
-            self._accept(snapshot)
+            self.deliver(snapshot)
 
 
 class Watch:
@@ -282,7 +307,7 @@ class Watch:
     takes. Closing the last handle of a feed stops its thread.
     """
 
-    def __init__(self, feed: _Feed, release: Callable[[], None]) -> None:
+    def __init__(self, feed: Feed, release: Callable[[], None]) -> None:
         self._feed = feed
         self._release = release
         self._cond = threading.Condition()
@@ -432,7 +457,8 @@ class Watcher(abc.ABC):
 
     Class attributes a backend may tune: ``poll_rate``/``poll_burst`` (token bucket of
     polls per second), ``retry_base``/``retry_cap`` (backoff seconds while the backend
-    is down) and ``close_timeout`` (how long closing waits for a poll to return).
+    is down) and ``close_timeout`` (how long closing waits for a poll to return; 0:
+    do not wait, the poll finishes in the background).
     """
 
     poll_rate: float = 50.0
@@ -443,7 +469,7 @@ class Watcher(abc.ABC):
     _closed = False
 
     def __init__(self) -> None:
-        self._feeds: dict[Query, _Feed] = {}
+        self._feeds: dict[Query, Feed] = {}
         self._feeds_lock = threading.Lock()
 
     @abc.abstractmethod
@@ -456,6 +482,16 @@ class Watcher(abc.ABC):
         Raise ``BackendUnavailable``/``PermissionDenied`` on failure; never block
         without a timeout.
         """
+
+    def start_feed(self, feed: Feed) -> None:
+        """Start delivering ``feed``'s query. By default a thread per feed calls
+        ``poll`` in a loop; a backend that multiplexes many feeds over a few
+        connections overrides this (and ``stop_feed``) and calls ``feed.deliver`` and
+        ``feed.fail`` itself."""
+        feed.poll_in_thread()
+
+    def stop_feed(self, feed: Feed) -> None:  # noqa: B027 (an optional hook)
+        """``feed`` has no handle left (its ``stopping`` is set): forget it."""
 
     def instances(
         self,
@@ -483,12 +519,12 @@ class Watcher(abc.ABC):
         with self._feeds_lock:
             feed = self._feeds.get(query)
             if feed is None:
-                feed = self._feeds[query] = _Feed(self, query)
-                feed.start()
+                feed = self._feeds[query] = Feed(self, query)
+                self.start_feed(feed)
             feed.refs += 1
         return Watch(feed, release=lambda: self._release(feed))
 
-    def _release(self, feed: _Feed) -> None:
+    def _release(self, feed: Feed) -> None:
         with self._feeds_lock:
             feed.refs -= 1
             last = feed.refs == 0 and self._feeds.get(feed.query) is feed

@@ -17,15 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from discovery_consul._client import ConsulClient, Settings
+from discovery_consul._client import ConsulClient, HealthResult, Settings
+from discovery_consul._shared import SharedFeeds
 from discovery_core import (
     Backend,
     Check,
+    Feed,
     GrpcCheck,
     HealthStatus,
     HttpCheck,
@@ -48,6 +51,9 @@ _MAX_WAIT = 600.0  # Consul caps a blocking query's wait at 10 minutes
 _SEVERITY = {HealthStatus.PASSING: 0, HealthStatus.WARNING: 1, HealthStatus.CRITICAL: 2}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m)?\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_CONTROL = 2  # connections kept for writes and one-shot reads
+_SHARED = 2  # the change detector's and its reader's
+_MIN_CONNECTIONS = _CONTROL + _SHARED
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -87,11 +93,22 @@ class ConsulBackend(Backend):
     ``ca_file``, ``cert_file``, ``key_file``, ``verify`` TLS; ``wait`` seconds a
     blocking query may wait (at most 600); ``stale`` let any server answer reads;
     ``timeout`` seconds for a plain request (a blocking query gets ``wait`` and its
-    jitter on top).
+    jitter on top); ``max_connections`` the most connections this backend opens to
+    the agent (default 16, at least 4), whatever it watches or registers.
+
+    Consul allows 200 connections per client address, shared by every process on the
+    node. Of the budget, 2 connections are kept for writes and one-shot reads, so
+    watches never starve a registration; each of the first ``max_connections - 4``
+    watched queries holds a blocking query of its own (the fastest path); the rest
+    share 2 connections through a change detector (see ``_shared``).
     """
 
     name = "consul"
     keepalive_interval = 0.5  # a restarted agent gets our instances back within 2 s
+    # A blocking query is never cut short when its watch closes (Consul 1.8 would keep
+    # serving it, and counting its connection, until its wait ran out): the poll
+    # finishes in the background, still inside the budget.
+    close_timeout = 0.0
 
     def __init__(
         self,
@@ -108,6 +125,7 @@ class ConsulBackend(Backend):
         wait: float | str = 60.0,
         stale: bool | str = False,
         timeout: float | str = 10.0,
+        max_connections: int | str = 16,
     ) -> None:
         host, port, scheme = _resolve_address(address, scheme)
         if token is not None and token_file is not None:
@@ -140,8 +158,12 @@ class ConsulBackend(Backend):
             verify=_boolean("verify", verify),
             timeout=_seconds("timeout", timeout, maximum=_MAX_WAIT),
         )
+        self.max_connections = _count("max_connections", max_connections, minimum=_MIN_CONNECTIONS)
         super().__init__()
-        self._client = ConsulClient(self._settings)
+        direct = self.max_connections - _MIN_CONNECTIONS
+        self._client = ConsulClient(self._settings, control=_CONTROL, queries=direct + _SHARED)
+        self._direct = threading.BoundedSemaphore(direct) if direct else None
+        self._shared = SharedFeeds(detect=self._detect, read=self._read, quote=_bexpr_string, wait=self.wait)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -186,33 +208,74 @@ class ConsulBackend(Backend):
 
     # -- Watcher ----------------------------------------------------------------------
 
+    def start_feed(self, feed: Feed) -> None:
+        """A blocking query of its own while the direct share lasts, else the shared
+        change detector."""
+        if self._direct is not None and self._direct.acquire(blocking=False):
+            feed.poll_in_thread(on_exit=self._direct.release)
+        else:
+            self._shared.add(feed)
+
+    def stop_feed(self, feed: Feed) -> None:
+        self._shared.remove(feed)
+
     def poll(self, query: Query, index: int, stop: Stop) -> Snapshot:
         self._check_open()
+        params = self._params(query)
+        if index <= 0:  # a one-shot read: on a control connection, never behind a blocking query
+            return self._snapshot(query, self._client.read_health(query.service, params))[0]
+        params += [("index", str(index)), ("wait", _go_duration(self.wait))]
+        return self._snapshot(query, self._client.health(query.service, params))[0]
+
+    def _params(self, query: Query) -> list[tuple[str, str]]:
         params: list[tuple[str, str]] = []
-        if index > 0:
-            params += [("index", str(index)), ("wait", _go_duration(self.wait))]
         if query.passing_only:
             params.append(("passing", "1"))
         expression = _filter_expression(query)
         if expression:
             params.append(("filter", expression))
+        return params + self._read_options()
+
+    def _read_options(self) -> list[tuple[str, str]]:
+        options: list[tuple[str, str]] = []
         if self.dc:
-            params.append(("dc", self.dc))
+            options.append(("dc", self.dc))
         if self.stale:
-            params.append(("stale", ""))
-        result = self._client.health(query.service, params, stop=stop)
+            options.append(("stale", ""))
+        return options
+
+    def _read(self, query: Query) -> tuple[Snapshot, frozenset[str]]:
+        """The shared reader's read: non-blocking, on a query connection."""
+        self._check_open()
+        return self._snapshot(query, self._client.health(query.service, self._params(query)))
+
+    def _detect(self, index: int, expression: str, stop: Stop) -> tuple[int, list[dict[str, Any]]]:
+        """The shared detector's blocking query on every check of the datacenter."""
+        self._check_open()
+        params = [("filter", expression), *self._read_options()]
+        if index > 0:
+            params += [("index", str(index)), ("wait", _go_duration(self.wait))]
+        result = self._client.check_states(params, stop=stop)
+        return result.index, result.entries
+
+    @staticmethod
+    def _snapshot(query: Query, result: HealthResult) -> tuple[Snapshot, frozenset[str]]:
+        """A health answer as a snapshot, and the nodes its instances run on."""
         instances: list[ServiceInstance] = []
         health: dict[str, HealthStatus] = {}
+        nodes: set[str] = set()
         for entry in result.entries:
             instance = _instance(entry)
             if instance is None or instance.name != query.service:
                 continue
             instances.append(instance)
             health[instance.id] = _worst(entry.get("Checks") or [])
-        return Snapshot(query.service, tuple(instances), index=result.index, health=health)
+            nodes.add(str((entry.get("Node") or {}).get("Node", "")))
+        return Snapshot(query.service, tuple(instances), index=result.index, health=health), frozenset(nodes)
 
     def _close_resources(self) -> None:
         self._client.close()
+        self._shared.close(timeout=0.5)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -258,6 +321,17 @@ def _boolean(option: str, value: bool | str) -> bool:
     if isinstance(value, str) and value.lower() in _TRUE | _FALSE | {""}:
         return value.lower() in _TRUE or value == ""  # "?stale" alone means on
     raise InvalidConfig(option, value, "must be true or false", backend="consul")
+
+
+def _count(option: str, value: int | str, *, minimum: int) -> int:
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if number is None or number < minimum:
+        raise InvalidConfig(option, value, f"must be a whole number, at least {minimum}", backend="consul")
+    return number
 
 
 def _seconds(option: str, value: float | str, *, maximum: float) -> float:

@@ -97,39 +97,57 @@ class _HTTPSConnection(_HTTPConnection, urllib3.connection.HTTPSConnection):
 
 
 class _Connections:
-    """Keep-alive connections for blocking queries, one in use per watch: what they
-    need of urllib3's pool (take the latest idle one, reconnecting if the agent
-    closed it; give it back unless full or closed)."""
+    """Keep-alive connections for blocking queries, at most ``limit`` open at once
+    (idle or in use): what they need of urllib3's pool (take the latest idle one,
+    reconnecting if the agent closed it; give it back), plus the bound that keeps a
+    process inside its share of the agent's per-client connection limit."""
 
-    def __init__(self, settings: Settings, maxsize: int) -> None:
+    def __init__(self, settings: Settings, limit: int) -> None:
         self._settings = settings
-        self._maxsize = maxsize
+        self._slots = threading.BoundedSemaphore(limit)
         self._idle: list[_HTTPConnection] = []
+        self._busy: set[_HTTPConnection] = set()
         self._lock = threading.Lock()
         self._closed = False
 
     def take(self) -> _HTTPConnection:
+        """A connection, waiting up to the request timeout for one to be free."""
+        if not self._slots.acquire(timeout=self._settings.timeout):
+            raise TimeoutError("every connection of the budget stayed busy")
         with self._lock:
+            if self._closed:
+                self._slots.release()
+                raise ConnectionAbortedError("the client is closed")
             conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            return self._new()
+            if conn is None:
+                conn = self._new()
+            self._busy.add(conn)
         if not conn.is_connected:  # the agent closed it (a restart, an idle timeout)
             conn.close()  # the next request connects again
         return conn
 
-    def give(self, conn: _HTTPConnection) -> None:
+    def give(self, conn: _HTTPConnection, *, reuse: bool = True) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < self._maxsize:
+            self._busy.discard(conn)
+            keep = reuse and not self._closed
+            if keep:
                 self._idle.append(conn)
-                return
-        conn.close()
+        if not keep:
+            conn.close()
+        self._slots.release()
 
     def close(self) -> None:
+        """Close idle connections and cut those in use short (their readers see the
+        connection end; the agent ends the query when its wait runs out)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
         for conn in idle:
             conn.close()
+        for conn in busy:
+            if conn.sock is not None:
+                _shutdown(conn.sock)
 
     def _new(self) -> _HTTPConnection:
         """A connection with the TLS settings requests gives its own: the CA file, else
@@ -174,14 +192,22 @@ class Settings:
 
 @dataclass(frozen=True)
 class HealthResult:
+    """A list answer and its ``X-Consul-Index``."""
+
     index: int
     entries: list[dict[str, Any]]
 
 
 class ConsulClient:
-    """The few Consul calls the backend makes, with errors translated."""
+    """The few Consul calls the backend makes, with errors translated.
 
-    def __init__(self, settings: Settings, *, pool_size: int = 64) -> None:
+    Connections are budgeted: ``control`` keep-alive connections (requests' pool,
+    callers wait for a free one) serve writes and one-shot reads, so watches can never
+    starve a registration; ``queries`` connections serve list reads and blocking
+    queries. Nothing opens more than ``control + queries`` sockets to the agent.
+    """
+
+    def __init__(self, settings: Settings, *, control: int, queries: int) -> None:
         self._settings = settings
         verify: bool | str = settings.verify and (settings.ca_file or True)
         cert = (
@@ -199,12 +225,12 @@ class ConsulClient:
         self._http = self._consul.http
         session: requests.Session = self._http.session
         session.trust_env = False  # no proxy between us and the local agent
-        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=control, pool_block=True)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._session = session
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
-        self._connections = _Connections(settings, pool_size)
+        self._connections = _Connections(settings, queries)
         self._timeouts: dict[str, float] = {}
 
     def close(self) -> None:
@@ -249,16 +275,36 @@ class ConsulClient:
         return found is not None
 
     def health(self, service: str, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
-        """GET /v1/health/service/<service>; a blocking query when ``params`` holds an
-        index and a wait. Setting ``stop`` ends it at once."""
-        url = f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}"
-        if params:
-            url = f"{url}?{urllib.parse.urlencode(params)}"
-        conn = self._connections.take()
+        """GET /v1/health/service/<service> on a query connection; a blocking query
+        when ``params`` holds an index and a wait. Setting ``stop`` ends it at once."""
+        return self._list(f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}", params, stop)
+
+    def check_states(self, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
+        """GET /v1/health/state/any: every check of the datacenter (narrowed by a
+        ``filter`` in ``params``); its index moves on any check change anywhere."""
+        return self._list("/v1/health/state/any", params, stop)
+
+    def read_health(self, service: str, params: list[tuple[str, str]]) -> HealthResult:
+        """A one-shot (non-blocking) read of /v1/health/service/<service> on a control
+        connection, so it never waits behind blocking queries."""
+        path = f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}"
+        index, entries = self._call(
+            lambda: self._http.get(
+                consul.callback.CB.json(index=True, allow_404=False), path, params=params, headers=self._headers
+            )
+        )
+        return self._result(path, index, entries)
+
+    def _list(self, path: str, params: list[tuple[str, str]], stop: Stop | None) -> HealthResult:
+        url = f"{path}?{urllib.parse.urlencode(params)}" if params else path
+        try:
+            conn = self._connections.take()
+        except OSError as exc:
+            self._translate(exc)
         try:
             status, headers, body = conn.ask(url, self._headers, self._timeout(params), stop)
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            conn.close()
+            self._connections.give(conn, reuse=False)
             self._translate(exc)
         self._connections.give(conn)
         index: Any = headers.get("X-Consul-Index")
@@ -271,11 +317,14 @@ class ConsulClient:
             # every other call, and _call translates it.
             answer = consul.base.Response(status, dict(headers.items()), body.decode("utf-8", "replace"))
             index, entries = self._call(lambda: consul.callback.CB.json(index=True, allow_404=False)(answer))
+        return self._result(path, index, entries)
+
+    def _result(self, path: str, index: Any, entries: Any) -> HealthResult:
         if not isinstance(entries, list):
-            raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-list for {service!r}")
+            raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-list for {path}")
         try:
             return HealthResult(int(index), entries)
-        except ValueError:
+        except (TypeError, ValueError):
             raise DiscoveryError(f"Consul at {self._settings.base_url} sent a bad index {index!r}") from None
 
     def _timeout(self, params: list[tuple[str, str]]) -> float:
