@@ -5,7 +5,8 @@ instance, ``watch()`` a service. Importing this package imports no backend.
 """
 
 from discovery_core.backend import Backend, available_backends, connect
-from discovery_core.channel import DiscoveryChannel, RetryPolicy, discovery_channel
+from discovery_core.client.retry import RetryPolicy
+from discovery_core.client.sync import DiscoveryChannel, discovery_channel
 from discovery_core.errors import (
     BackendNotFound,
     BackendUnavailable,

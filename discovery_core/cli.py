@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from discovery_core.backend import connect
-from discovery_core.channel import discovery_channel
+from discovery_core.client.sync import discovery_channel
 from discovery_core.errors import DiscoveryError
 
 # The example package (``discovery_examples``) is imported when the demo runs, so

@@ -20,7 +20,8 @@ from discovery_examples.addservice import add_pb2, add_pb2_grpc
 from discovery_examples.addservice.fleet import KILL_RETRY, Event, Fleet, Load, wait_until
 
 import discovery_core as dc
-from discovery_core.channel import LeastRequest, RoundRobin, WeightedRoundRobin, _Endpoint
+from discovery_core.client.endpoint import Endpoint
+from discovery_core.client.picker import LeastRequest, RoundRobin, WeightedRoundRobin
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,13 +122,11 @@ def test_weighted_round_robin_follows_instance_weights(backend: dc.Backend, flee
     assert counts == {light.name: 100, heavy.name: 300}
 
 
-def fake_endpoints(*inflight: int, weights: tuple[int, ...] = ()) -> list[_Endpoint[None]]:
+def fake_endpoints(*inflight: int, weights: tuple[int, ...] = ()) -> list[Endpoint[None]]:
     endpoints = []
     for n, busy in enumerate(inflight):
         weight = weights[n] if weights else 1
-        endpoint: _Endpoint[None] = _Endpoint(
-            dc.ServiceInstance("s", "10.0.0.1", 1000 + n, weight=weight), None, "ready"
-        )
+        endpoint: Endpoint[None] = Endpoint(dc.ServiceInstance("s", "10.0.0.1", 1000 + n, weight=weight), None, "ready")
         endpoint.inflight = busy
         endpoints.append(endpoint)
     return endpoints
