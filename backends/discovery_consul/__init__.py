@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from discovery_consul._client import ConsulClient, HealthResult, Settings
-from discovery_consul._shared import SharedFeeds
+from discovery_consul._shared import Detector, Fingerprints, SharedFeeds
 from discovery_core import (
     Backend,
     Check,
@@ -52,7 +52,7 @@ _SEVERITY = {HealthStatus.PASSING: 0, HealthStatus.WARNING: 1, HealthStatus.CRIT
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m)?\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _CONTROL = 2  # connections kept for writes and one-shot reads
-_SHARED = 2  # the change detector's and its reader's
+_SHARED = 3  # the shared feeds': two change detectors and a reader
 _MIN_CONNECTIONS = _CONTROL + _SHARED
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -76,6 +76,15 @@ def _bexpr_string(value: str) -> str:
     return '"' + "".join(escaped) + '"'
 
 
+def _alternatives(names: frozenset[str]) -> str:
+    """An RE2 pattern matching exactly these names."""
+    return "^(" + "|".join(re.escape(name) for name in sorted(names)) + ")$"
+
+
+def _frozen(groups: Mapping[str, set[tuple[str, ...]]]) -> Fingerprints:
+    return {name: frozenset(keys) for name, keys in groups.items()}
+
+
 def _filter_expression(query: Query) -> str:
     terms = [f"{_bexpr_string(tag)} in Service.Tags" for tag in query.tags]
     terms += [f"Service.Meta[{_bexpr_string(key)}] == {_bexpr_string(value)}" for key, value in query.meta]
@@ -94,13 +103,13 @@ class ConsulBackend(Backend):
     blocking query may wait (at most 600); ``stale`` let any server answer reads;
     ``timeout`` seconds for a plain request (a blocking query gets ``wait`` and its
     jitter on top); ``max_connections`` the most connections this backend opens to
-    the agent (default 16, at least 4), whatever it watches or registers.
+    the agent (default 16, at least 5), whatever it watches or registers.
 
     Consul allows 200 connections per client address, shared by every process on the
     node. Of the budget, 2 connections are kept for writes and one-shot reads, so
-    watches never starve a registration; each of the first ``max_connections - 4``
+    watches never starve a registration; each of the first ``max_connections - 5``
     watched queries holds a blocking query of its own (the fastest path); the rest
-    share 2 connections through a change detector (see ``_shared``).
+    share 3 connections through datacenter-wide change detectors (see ``_shared``).
     """
 
     name = "consul"
@@ -163,7 +172,11 @@ class ConsulBackend(Backend):
         direct = self.max_connections - _MIN_CONNECTIONS
         self._client = ConsulClient(self._settings, control=_CONTROL, queries=direct + _SHARED)
         self._direct = threading.BoundedSemaphore(direct) if direct else None
-        self._shared = SharedFeeds(detect=self._detect, read=self._read, quote=_bexpr_string, wait=self.wait)
+        detectors = (
+            Detector("check", self._detect_checks, critical=True),
+            Detector("catalog", self._detect_instances, critical=False),
+        )
+        self._shared = SharedFeeds(detectors, self._read, self.wait)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -249,14 +262,43 @@ class ConsulBackend(Backend):
         self._check_open()
         return self._snapshot(query, self._client.health(query.service, self._params(query)))
 
-    def _detect(self, index: int, expression: str, stop: Stop) -> tuple[int, list[dict[str, Any]]]:
-        """The shared detector's blocking query on every check of the datacenter."""
-        self._check_open()
+    def _blocking(self, index: int, expression: str) -> list[tuple[str, str]]:
         params = [("filter", expression), *self._read_options()]
         if index > 0:
             params += [("index", str(index)), ("wait", _go_duration(self.wait))]
-        result = self._client.check_states(params, stop=stop)
-        return result.index, result.entries
+        return params
+
+    def _detect_checks(
+        self, index: int, services: frozenset[str], nodes: frozenset[str], stop: Stop
+    ) -> tuple[int, Fingerprints, Fingerprints]:
+        """Every check of the watched services and of their nodes, by service and by node."""
+        self._check_open()
+        expression = f"ServiceName matches {_bexpr_string(_alternatives(services))}"
+        if nodes:
+            expression += f' or (ServiceID == "" and Node matches {_bexpr_string(_alternatives(nodes))})'
+        result = self._client.get_list("/v1/health/state/any", self._blocking(index, expression), stop=stop)
+        by_service: dict[str, set[tuple[str, ...]]] = {}
+        by_node: dict[str, set[tuple[str, ...]]] = {}
+        for entry in result.entries:
+            key = tuple(str(entry.get(k)) for k in ("Node", "CheckID", "Status", "ServiceID"))
+            if entry.get("ServiceID"):
+                by_service.setdefault(str(entry.get("ServiceName")), set()).add(key)
+            else:
+                by_node.setdefault(key[0], set()).add(key)
+        return result.index, _frozen(by_service), _frozen(by_node)
+
+    def _detect_instances(
+        self, index: int, services: frozenset[str], nodes: frozenset[str], stop: Stop
+    ) -> tuple[int, Fingerprints, Fingerprints]:
+        """The watched services' instance counts and nodes (what has no check shows here)."""
+        self._check_open()
+        expression = f"Service.Service matches {_bexpr_string(_alternatives(services))}"
+        result = self._client.get_list("/v1/internal/ui/services", self._blocking(index, expression), stop=stop)
+        fingerprints = {
+            str(entry.get("Name")): (entry.get("InstanceCount"), tuple(sorted(entry.get("Nodes") or ())))
+            for entry in result.entries
+        }
+        return result.index, fingerprints, {}
 
     @staticmethod
     def _snapshot(query: Query, result: HealthResult) -> tuple[Snapshot, frozenset[str]]:

@@ -277,12 +277,7 @@ class ConsulClient:
     def health(self, service: str, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
         """GET /v1/health/service/<service> on a query connection; a blocking query
         when ``params`` holds an index and a wait. Setting ``stop`` ends it at once."""
-        return self._list(f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}", params, stop)
-
-    def check_states(self, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
-        """GET /v1/health/state/any: every check of the datacenter (narrowed by a
-        ``filter`` in ``params``); its index moves on any check change anywhere."""
-        return self._list("/v1/health/state/any", params, stop)
+        return self.get_list(f"/v1/health/service/{urllib.parse.quote(service, safe='/:')}", params, stop=stop)
 
     def read_health(self, service: str, params: list[tuple[str, str]]) -> HealthResult:
         """A one-shot (non-blocking) read of /v1/health/service/<service> on a control
@@ -295,7 +290,9 @@ class ConsulClient:
         )
         return self._result(path, index, entries)
 
-    def _list(self, path: str, params: list[tuple[str, str]], stop: Stop | None) -> HealthResult:
+    def get_list(self, path: str, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
+        """GET a list endpoint on a query connection (a blocking query when ``params``
+        holds an index and a wait); setting ``stop`` ends it at once."""
         url = f"{path}?{urllib.parse.urlencode(params)}" if params else path
         try:
             conn = self._connections.take()

@@ -1,24 +1,27 @@
-"""Many watched services over two connections: a datacenter-wide change detector.
+"""Many watched services over a few connections: datacenter-wide change detectors.
 
 A blocking query per watched service would need a connection each, and Consul allows
 200 per client address for every process on the node. Past the backend's direct
-share, feeds are driven from here instead, with two threads and two connections
+share, feeds are driven from here instead, by three threads on three connections
 whatever their number:
 
-- the detector holds one blocking query on ``/v1/health/state/any``, narrowed by a
-  ``filter`` to the checks of the watched services and the node checks of the nodes
-  they run on. Its index moves on any check change in the datacenter, so it sees
-  every registration and deregistration of an instance with a check, every health
-  change and every node failure; it compares each answer with the last one, service
-  by service, and hands the services whose checks changed to the reader;
-- the reader reads each such service once (a plain, non-blocking read) and delivers
-  the answer to its feeds; core's feed drops answers that change nothing. It also
-  re-reads every service once per ``wait`` period, which catches what has no check
-  to show (an instance registered without one, a changed address).
+- the check detector holds one blocking query on ``/v1/health/state/any``, narrowed by
+  a ``filter`` to the checks of the watched services and the node checks of the nodes
+  they run on. Its index moves on any check change in the datacenter, so it sees every
+  registration and deregistration of an instance with a check, every health change and
+  every node failure, naming the very checks;
+- the catalog detector holds one on ``/v1/internal/ui/services`` (the summaries
+  Consul's own UI reads), narrowed to the watched services: their instance counts and
+  nodes, which show instances that have no check come and go;
+- each detector compares its answer with its last, service by service, and hands the
+  services that changed to the reader, which reads each once (a plain read) and
+  delivers it to its feeds; core's feed drops answers that change nothing. The reader
+  also re-reads every service once per ``wait`` period, for what neither detector
+  shows (a changed address or meta, or a swap the catalog summary cannot tell).
 
-Consul's cost: one request per change of a check anywhere in the datacenter (its
-answer holds only the watched services' checks), one read per change of a watched
-service, and one request per ``wait`` period per feed at idle.
+Consul's cost: a request per detector per change anywhere in the datacenter (each
+answer holds only what concerns the watched services), a read per change of a watched
+service, and at idle a request per detector and a read per feed per ``wait`` period.
 """
 
 from __future__ import annotations
@@ -26,39 +29,44 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
 
 from discovery_core import DiscoveryError, Feed, Query, Snapshot, Stop
 
-__all__ = ["SharedFeeds"]
+__all__ = ["Detector", "Fingerprints", "SharedFeeds"]
 
 log = logging.getLogger("discovery_consul")
 
-_MIN_SPACING = 0.02  # seconds between detector requests: at most 50 a second
+_MIN_SPACING = 0.02  # seconds between a detector's requests: at most 50 a second
 _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
 
-CheckKey = tuple[str, str, str, str]  # node, check id, status, service id
+Fingerprints = Mapping[str, Hashable]
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One datacenter-wide blocking query: ``fetch(index, services, nodes, stop)``
+    returns its index, a fingerprint per watched service and one per node (node
+    checks); ``critical``: its failure is the backend's (feeds turn stale), else it
+    is only logged and the reader's resync covers for it."""
+
+    name: str
+    fetch: Callable[[int, frozenset[str], frozenset[str], Stop], tuple[int, Fingerprints, Fingerprints]]
+    critical: bool
 
 
 class SharedFeeds:
     """The feeds of one backend that hold no connection of their own."""
 
     def __init__(
-        self,
-        *,
-        detect: Callable[[int, str, Stop], tuple[int, list[dict[str, Any]]]],
-        read: Callable[[Query], tuple[Snapshot, frozenset[str]]],
-        quote: Callable[[str], str],
-        wait: float,
+        self, detectors: Iterable[Detector], read: Callable[[Query], tuple[Snapshot, frozenset[str]]], wait: float
     ) -> None:
-        self._detect = detect  # (index, filter, stop) -> (index, check entries)
+        self._detectors = tuple(detectors)
         self._read = read  # query -> (snapshot, nodes its instances run on)
-        self._quote = quote  # a string literal of Consul's filter language
         self._wait = wait
         self._lock = threading.Condition()
         self._feeds: dict[str, set[Feed]] = defaultdict(set)
@@ -79,9 +87,15 @@ class SharedFeeds:
             self._now.add(feed.query.service)
             self._lock.notify_all()
             if not self._threads:
-                for name, target in (("detect", self._run_detector), ("read", self._run_reader)):
-                    thread = threading.Thread(target=target, name=f"discovery-consul-{name}", daemon=True)
-                    self._threads.append(thread)
+                self._threads = [
+                    threading.Thread(target=self._run_reader, name="discovery-consul-read", daemon=True),
+                    *(
+                        threading.Thread(target=self._run_detector, args=(d,), name=f"discovery-consul-{d.name}")
+                        for d in self._detectors
+                    ),
+                ]
+                for thread in self._threads:
+                    thread.daemon = True
                     thread.start()
 
     def remove(self, feed: Feed) -> None:
@@ -94,7 +108,7 @@ class SharedFeeds:
                     self._nodes.pop(feed.query.service, None)
 
     def close(self, timeout: float) -> None:
-        """Stop both threads (their queries are cut short) within ``timeout``."""
+        """Stop the threads (their queries are cut short) within ``timeout``."""
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
@@ -103,50 +117,47 @@ class SharedFeeds:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    # -- the detector -------------------------------------------------------------------
+    # -- the detectors ------------------------------------------------------------------
 
-    def _filter(self) -> tuple[frozenset[str], str]:
-        """The watched services and a filter for their checks and their nodes' checks."""
+    def _watched(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The watched services and the nodes their instances run on."""
         with self._lock:
-            services = frozenset(self._feeds)
+            while not self._feeds and not self._stop.is_set():
+                self._lock.wait()
             nodes = frozenset().union(*self._nodes.values()) if self._nodes else frozenset()
-        terms = [f"ServiceName matches {self._quote(_alternatives(services))}"]
-        if nodes:
-            terms.append(f'(ServiceID == "" and Node matches {self._quote(_alternatives(nodes))})')
-        return services, " or ".join(terms)
+            return frozenset(self._feeds), nodes
 
-    def _run_detector(self) -> None:
+    def _run_detector(self, detector: Detector) -> None:
         index = 0
-        known: dict[str, frozenset[CheckKey]] | None = None  # None: nothing trusted yet
-        node_checks: dict[str, frozenset[CheckKey]] = {}
+        known: Fingerprints | None = None  # None: nothing to compare with yet
+        node_known: Fingerprints = {}
         delay = _RETRY_BASE
         outage = False
         while not self._stop.is_set():
-            with self._lock:
-                while not self._feeds and not self._stop.is_set():
-                    self._lock.wait()
-            services, expression = self._filter()
+            services, nodes = self._watched()
+            if self._stop.is_set():
+                return
             started = time.monotonic()
             try:
-                returned, entries = self._detect(index, expression, self._stop)
+                returned, by_service, by_node = detector.fetch(index, services, nodes, self._stop)
             except DiscoveryError as exc:
                 if self._stop.is_set():
                     return
                 if not outage:
-                    log.warning("Consul change detector: %s; serving the last known sets and retrying", exc)
+                    log.warning("Consul %s detector: %s; retrying", detector.name, exc)
                 outage, index, known = True, 0, None
-                self._fail_all(exc)
+                if detector.critical:
+                    self._fail_all(exc)
                 if self._stop.wait(random.uniform(delay / 2, delay)):
                     return
                 delay = min(delay * 2, _RETRY_CAP)
                 continue
             if outage:
-                log.info("Consul change detector: the agent answers again")
+                log.info("Consul %s detector: the agent answers again", detector.name)
                 outage, delay = False, _RETRY_BASE
-            by_service, by_node = _group(entries)
             changed = set(services) if known is None else _changed(services, known, by_service)
-            changed |= self._services_on(_changed(node_checks.keys() | by_node.keys(), node_checks, by_node))
-            known, node_checks = by_service, by_node
+            changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
+            known, node_known = by_service, by_node
             index = 0 if returned < index else max(returned, 1)
             self._schedule(changed, at_once=True)
             spent = time.monotonic() - started
@@ -221,30 +232,5 @@ class SharedFeeds:
             self._schedule((service,), at_once=False, delay=random.uniform(0.5, 1.0) * self._wait)
 
 
-def _alternatives(names: Iterable[str]) -> str:
-    """An RE2 pattern matching exactly these names."""
-    return "^(" + "|".join(re.escape(name) for name in sorted(names)) + ")$"
-
-
-def _group(entries: list[dict[str, Any]]) -> tuple[dict[str, frozenset[CheckKey]], dict[str, frozenset[CheckKey]]]:
-    """Checks by service name, and node checks by node."""
-    services: dict[str, set[CheckKey]] = defaultdict(set)
-    nodes: dict[str, set[CheckKey]] = defaultdict(set)
-    for entry in entries:
-        key = (str(entry.get("Node")), str(entry.get("CheckID")), str(entry.get("Status")), str(entry.get("ServiceID")))
-        if entry.get("ServiceID"):
-            services[str(entry.get("ServiceName"))].add(key)
-        else:
-            nodes[key[0]].add(key)
-    return (
-        {name: frozenset(keys) for name, keys in services.items()},
-        {name: frozenset(keys) for name, keys in nodes.items()},
-    )
-
-
-Checks = Mapping[str, frozenset[CheckKey]]
-
-
-def _changed(names: Iterable[str], before: Checks, after: Checks) -> set[str]:
-    empty: frozenset[CheckKey] = frozenset()
-    return {name for name in names if before.get(name, empty) != after.get(name, empty)}
+def _changed(names: Iterable[str], before: Fingerprints, after: Fingerprints) -> set[str]:
+    return {name for name in names if before.get(name) != after.get(name)}
