@@ -69,10 +69,6 @@ class Keepalive:
         self._failing = False
         self._backoff = _Backoff(registry.keepalive_retry_base, registry.keepalive_retry_cap)
 
-    @property
-    def thread(self) -> threading.Thread | None:
-        return self._thread
-
     def track(self, registration: Registration) -> None:
         """Keep ``registration`` alive from now on (replacing any of the same id)."""
         check = registration.instance.check
@@ -190,8 +186,6 @@ class Keepalive:
             except DiscoveryError as exc:
                 self._failed(f"restoring {tracked.registration.instance.id!r}", exc, [tracked])
                 return
-        if self._failing:
-            return
         with self._cond:
             if unsettled:
                 delay = self._backoff.next()
