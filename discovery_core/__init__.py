@@ -28,7 +28,7 @@ from discovery_core.model import (
     TcpCheck,
     TtlCheck,
 )
-from discovery_core.registry import Registration, Registry
+from discovery_core.registry import Presence, Registration, RegistrationStatus, Registry
 from discovery_core.server import Served, serve
 from discovery_core.watcher import Feed, Query, Stop, Watch, Watcher
 
@@ -47,9 +47,11 @@ __all__ = [
     "InvalidConfig",
     "InvalidInstance",
     "PermissionDenied",
+    "Presence",
     "ProbeCheck",
     "Query",
     "Registration",
+    "RegistrationStatus",
     "Registry",
     "RetryPolicy",
     "Served",

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import urllib.parse
+from collections.abc import Collection
 from types import TracebackType
 from typing import Any, Self
 
@@ -70,6 +71,11 @@ class Backend(Registry, Watcher):
                 # Never echo the value: a misspelled "token" option would show the secret.
                 raise InvalidConfig(option, "(value not shown)", reason, backend=cls.name)
         return cls(**options)
+
+    def _feed_noticed(self, *, recovered: bool = False, gone: Collection[str] = ()) -> None:
+        """A watch of this backend saw it answer again, or instances leave a set: the
+        keepalive sweeps at once (restoring ours) instead of at its next interval."""
+        self._keepalive.poke(None if recovered else gone)
 
     def close(self) -> None:
         """Stop watches, deregister live registrations, release resources. Idempotent."""

@@ -1,38 +1,92 @@
 """Registering instances: the backend's primitives and the live Registration built on them.
 
 A backend implements four small primitives (write, remove, pass a TTL check, tell
-whether it still has an instance). ``Registration``, written once here, turns them
-into what a server wants: heartbeats for TTL checks, and restoring the instance when
-the backend lost its state (a restarted Consul agent), until it is closed.
+whether it still has an instance) and may answer for many instances at once
+(``registered``). ``Registration``, written once here, turns them into what a
+server wants: heartbeats for TTL checks, and restoring the instance when the
+backend lost its state (a restarted Consul agent), until it is closed. One
+keepalive loop per Registry does this for all of them (``discovery_core.keepalive``).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 from discovery_core.errors import ClosedError, DiscoveryError, InvalidInstance
+from discovery_core.keepalive import Keepalive
 from discovery_core.model import ServiceInstance, TtlCheck
 
-__all__ = ["Registration", "Registry"]
+__all__ = ["Presence", "Registration", "RegistrationStatus", "Registry"]
 
 log = logging.getLogger("discovery_core.registry")
 
 
-class Registry(abc.ABC):
-    """Where instances are registered. ``keepalive_interval``: how often (seconds) a
-    live Registration makes sure the backend still has its instance."""
+@dataclass(frozen=True)
+class Presence:
+    """What a backend knows of one instance a live Registration keeps.
 
-    keepalive_interval: float = 1.0
+    ``held``: the backend still has it (False: the keepalive adds it again).
+    ``visible``: clients can see it. A backend that holds an instance it cannot
+    publish (a Consul agent that cannot sync to its servers) answers
+    ``Presence(held=True, visible=False, cause="...")``, the cause in words for the log.
+    """
+
+    held: bool
+    visible: bool
+    cause: str = ""
+
+    def __post_init__(self) -> None:
+        if self.visible and not self.held:
+            raise ValueError("an instance the backend does not hold cannot be visible")
+
+
+@dataclass(frozen=True)
+class RegistrationStatus:
+    """A Registration's state, for introspection.
+
+    ``live``: kept alive now (False once closed, or registered with
+    ``keepalive=False``). ``last_verified``: ``time.time()`` of the backend's last
+    answer about it (None before the first). ``catalog_visible``: whether clients
+    could see it then. ``last_error``: the last keepalive failure, cleared by the
+    next success.
+    """
+
+    id: str
+    service: str
+    live: bool
+    last_verified: float | None = None
+    catalog_visible: bool | None = None
+    last_error: str | None = None
+
+
+class Registry(abc.ABC):
+    """Where instances are registered.
+
+    Class attributes a backend may tune: ``keepalive_interval`` (seconds between
+    the idle sweeps that verify every live Registration), ``keepalive_retry_base``/
+    ``keepalive_retry_cap`` (the fast backoff after a failed keepalive request or a
+    restore not yet confirmed), ``sync_grace`` (how long an instance the backend
+    holds may stay invisible to clients before one warning says so).
+    """
+
+    keepalive_interval: float = 10.0
+    keepalive_retry_base: float = 0.25
+    keepalive_retry_cap: float = 2.0
+    sync_grace: float = 5.0
     _closed = False
 
     def __init__(self) -> None:
         self._live: dict[str, Registration] = {}
         self._live_lock = threading.Lock()
+        self._keepalive = Keepalive(self)
 
     @abc.abstractmethod
     def add(self, instance: ServiceInstance) -> None:
@@ -50,6 +104,19 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def is_registered(self, instance: ServiceInstance) -> bool:
         """Whether the backend still holds this instance (whatever its health)."""
+
+    def registered(self, instances: Sequence[ServiceInstance]) -> Mapping[str, Presence]:
+        """What the backend knows of each instance, by id: one call for a whole sweep.
+
+        The default asks ``is_registered`` once per instance and takes what the
+        backend holds as visible. A backend that can answer for many instances in
+        one request, or tell held from visible, overrides it.
+        """
+        answer: dict[str, Presence] = {}
+        for instance in instances:
+            held = self.is_registered(instance)
+            answer[instance.id] = Presence(held=held, visible=held)
+        return answer
 
     def register(self, instance: ServiceInstance, *, keepalive: bool = True) -> Registration:
         """Register ``instance`` and keep it registered until the Registration closes.
@@ -82,6 +149,7 @@ class Registry(abc.ABC):
                 registration.deregister()
             except DiscoveryError as exc:
                 log.warning("could not deregister %r on close: %s", registration.instance.id, exc)
+        self._keepalive.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -92,27 +160,31 @@ class Registration:
     """A registered instance, kept registered until ``deregister()``/``close()``.
 
     A context manager. For a ``TtlCheck`` it passes the check at once and then every
-    third of the TTL; every ``keepalive_interval`` it checks that the backend still
-    has the instance and registers it again if not.
+    third of the TTL; the Registry's keepalive verifies it with the others and
+    registers it again if the backend lost it. ``status()`` says how that goes.
     """
 
     def __init__(self, registry: Registry, instance: ServiceInstance, *, keepalive: bool) -> None:
         self.instance = instance
         self._registry = registry
-        self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._io = threading.Lock()  # held by the keepalive while it writes for this instance
         self._closed = False
-        self._ttl = instance.check.ttl if isinstance(instance.check, TtlCheck) else None
-        self._thread: threading.Thread | None = None
+        self._live = keepalive
+        self._status = RegistrationStatus(instance.id, instance.name, live=keepalive)
         if keepalive:
-            if self._ttl is not None:
+            if isinstance(instance.check, TtlCheck):
                 registry.heartbeat(instance.id)
-            self._thread = threading.Thread(target=self._run, name=f"discovery-keepalive:{instance.id}", daemon=True)
-            self._thread.start()
+            registry._keepalive.track(self)
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def status(self) -> RegistrationStatus:
+        """The keepalive's view of this instance now."""
+        status = self._status
+        return dataclasses.replace(status, live=False) if self._closed and status.live else status
 
     def heartbeat(self) -> None:
         """Pass the TTL check now (a live Registration also does it by itself)."""
@@ -120,48 +192,43 @@ class Registration:
             raise ClosedError(f"the registration of {self.instance.id!r} is closed", service=self.instance.name)
         self._registry.heartbeat(self.instance.id)
 
-    def _run(self) -> None:
-        tick = self._registry.keepalive_interval
-        if self._ttl is not None:
-            tick = min(tick, self._ttl / 3)
-        next_beat = time.monotonic() + (self._ttl / 3 if self._ttl else 0)
-        failing = False
-        while not self._stop.wait(tick):
-            try:
-                restored = not self._registry.is_registered(self.instance)
-                if restored:
-                    self._registry.add(self.instance)
-                    log.warning("%r was missing from the backend: registered it again", self.instance.id)
-                if self._ttl is not None and (restored or time.monotonic() >= next_beat):
-                    self._registry.heartbeat(self.instance.id)
-                    next_beat = time.monotonic() + self._ttl / 3
-            except DiscoveryError as exc:
-                if not failing:
-                    log.warning("keeping %r registered failed: %s; retrying", self.instance.id, exc)
-                failing = True
-                continue
-            if failing:
-                log.info("%r is registered again", self.instance.id)
-                failing = False
+    def _while_live(self, write: Callable[[], None]) -> bool:
+        """Run the keepalive's ``write`` unless closed; closing waits for one in flight,
+        so a restore can never re-add an instance just deregistered."""
+        with self._io:
+            if self._closed:
+                return False
+            write()
+            return True
+
+    # The keepalive's thread alone records what it learned (a frozen value, swapped whole).
+
+    def _note_verified(self, visible: bool) -> None:
+        status = self._status
+        self._status = dataclasses.replace(status, last_verified=time.time(), catalog_visible=visible, last_error=None)
+
+    def _note_error(self, error: str | None) -> None:
+        self._status = dataclasses.replace(self._status, last_error=error)
+
+    def _stop_keepalive(self) -> bool:
+        """Close; False if it already was. Waits for a keepalive write in flight."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+        self._registry._keepalive.untrack(self)
+        with self._io:  # a keepalive write in flight finishes first
+            pass
+        return True
 
     def _supersede(self) -> None:
         """A newer registration of the same id took over: stop without deregistering."""
-        with self._lock:
-            self._closed = True
         self._stop_keepalive()
-
-    def _stop_keepalive(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
 
     def deregister(self) -> None:
         """Stop the keepalive and remove the instance. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._stop_keepalive()
+        if not self._stop_keepalive():
+            return
         self._registry._forget(self)
         self._registry.deregister(self.instance.id)
 

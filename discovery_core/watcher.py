@@ -20,7 +20,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -246,6 +246,10 @@ class Feed:
             return
         index = snapshot.index if current is None else max(snapshot.index, current.index + 1)
         self._publish(dataclasses.replace(snapshot, index=index, stale=False))
+        if current is not None:
+            gone = {i.id for i in current.instances}.difference(i.id for i in snapshot.instances)
+            if gone:
+                self.watcher._feed_noticed(gone=gone)
 
     def fail(self, error: DiscoveryError) -> None:
         """The backend could not answer: keep the last set, marked ``stale``."""
@@ -293,6 +297,7 @@ class Feed:
                 outage = False
                 self.error = None
                 backoff.reset()
+                watcher._feed_noticed(recovered=True)
             index = _next_index(index, snapshot.index)
             self.deliver(snapshot)
 
@@ -523,6 +528,10 @@ class Watcher(abc.ABC):
                 self.start_feed(feed)
             feed.refs += 1
         return Watch(feed, release=lambda: self._release(feed))
+
+    def _feed_noticed(self, *, recovered: bool = False, gone: Collection[str] = ()) -> None:  # noqa: B027 (a hook)
+        """A feed saw the backend answer again after an outage, or instances leave its
+        set. Nothing here; ``Backend`` wakes its registrations' keepalive with it."""
 
     def _release(self, feed: Feed) -> None:
         with self._feeds_lock:

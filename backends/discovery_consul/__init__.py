@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -34,6 +34,7 @@ from discovery_core import (
     HttpCheck,
     InvalidConfig,
     InvalidInstance,
+    Presence,
     Query,
     ServiceInstance,
     Snapshot,
@@ -113,7 +114,10 @@ class ConsulBackend(Backend):
     """
 
     name = "consul"
-    keepalive_interval = 0.5  # a restarted agent gets our instances back within 2 s
+    # A sweep costs 1 + (distinct services) requests, at most 2 per registration:
+    # every 20 s keeps the idle cost under one request per registration per 10 s.
+    # A watch that sees the agent come back, or a failed heartbeat, sweeps sooner.
+    keepalive_interval = 20.0
     # A blocking query is never cut short when its watch closes (Consul 1.8 would keep
     # serving it, and counting its connection, until its wait ran out): the poll
     # finishes in the background, still inside the budget.
@@ -177,6 +181,7 @@ class ConsulBackend(Backend):
             Detector("catalog", self._detect_instances, critical=False),
         )
         self._shared = SharedFeeds(detectors, self._read, self.wait)
+        self._node: tuple[str, str] | None = None  # the agent's (name, id), read again after a loss
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -218,6 +223,34 @@ class ConsulBackend(Backend):
     def is_registered(self, instance: ServiceInstance) -> bool:
         self._check_open()
         return self._client.has_service(instance.id)
+
+    def registered(self, instances: Sequence[ServiceInstance]) -> dict[str, Presence]:
+        """The local agent's services in one read, then the catalog per service name,
+        narrowed to this agent's node: the agent may hold an instance the servers
+        never got (it cannot sync: a restarted agent whose node name the catalog
+        still reserves for its old node id)."""
+        self._check_open()
+        held = self._client.agent_services()
+        if self._node is None or any(instance.id not in held for instance in instances):
+            self._node = self._client.agent_node()  # a lost instance: maybe a new agent
+        _, node_id = self._node
+        visible: set[str] = set()
+        for name in sorted({instance.name for instance in instances if instance.id in held}):
+            entries = self._client.catalog_service(name, [("filter", f"ID == {_bexpr_string(node_id)}")])
+            visible.update(str(entry.get("ServiceID")) for entry in entries if entry.get("ID") == node_id)
+        answer: dict[str, Presence] = {}
+        for instance in instances:
+            if instance.id not in held:
+                answer[instance.id] = Presence(held=False, visible=False)
+            elif instance.id in visible:
+                answer[instance.id] = Presence(held=True, visible=True)
+            else:
+                cause = (
+                    f"agent {self.address} holds {instance.id!r} but the catalog does not:"
+                    " the agent cannot sync to the servers"
+                )
+                answer[instance.id] = Presence(held=True, visible=False, cause=cause)
+        return answer
 
     # -- Watcher ----------------------------------------------------------------------
 

@@ -274,6 +274,39 @@ class ConsulClient:
         )
         return found is not None
 
+    # -- what a keepalive sweep reads (one of each, plus a catalog read per service) ---
+
+    def agent_services(self) -> dict[str, Any]:
+        """GET /v1/agent/services: every service the local agent holds, by id."""
+        return self._json_object("/v1/agent/services", [])
+
+    def agent_node(self) -> tuple[str, str]:
+        """The local agent's node name and node id (GET /v1/agent/self)."""
+        config = self._json_object("/v1/agent/self", []).get("Config") or {}
+        return str(config.get("NodeName", "")), str(config.get("NodeID", ""))
+
+    def catalog_service(self, service: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """GET /v1/catalog/service/<service>: its instances as the servers know them."""
+        entries = self._call(
+            lambda: self._http.get(
+                consul.callback.CB.json(allow_404=False),
+                f"/v1/catalog/service/{service}",
+                params=params,
+                headers=self._headers,
+            )
+        )
+        if not isinstance(entries, list):
+            raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-list for {service!r}")
+        return entries
+
+    def _json_object(self, path: str, params: list[tuple[str, str]]) -> dict[str, Any]:
+        found = self._call(
+            lambda: self._http.get(consul.callback.CB.json(allow_404=False), path, params=params, headers=self._headers)
+        )
+        if not isinstance(found, dict):
+            raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-object for {path}")
+        return found
+
     def health(self, service: str, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
         """GET /v1/health/service/<service> on a query connection; a blocking query
         when ``params`` holds an index and a wait. Setting ``stop`` ends it at once."""

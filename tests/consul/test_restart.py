@@ -56,7 +56,9 @@ def test_registrations_come_back_and_the_watch_serves_stale_then_resumes(
             assert {i.id for i in stale.instances} == ids  # the last known set, marked stale
 
             dev_agent.start()  # returns once the agent answers and has a leader
-            until(lambda: _agent_has(dev_agent, plain.id) and _agent_has(dev_agent, ttl.id), 2.0, "re-registered")
+            # The watch's recovery wakes the keepalive (and its failed heartbeats already
+            # retry): both back off at most 2 s, so the restore comes within about 2 s.
+            until(lambda: _agent_has(dev_agent, plain.id) and _agent_has(dev_agent, ttl.id), 3.0, "re-registered")
 
             resumed = _next(watch, lambda s: {i.id for i in s.instances} == ids and not s.stale, 15)
             assert resumed.status(ttl.id) is dc.HealthStatus.PASSING  # heartbeats resumed too
