@@ -25,6 +25,7 @@ from discovery_core.client.health_watch import HealthFollower
 from discovery_core.client.picker import Picker
 from discovery_core.client.pool import Pool
 from discovery_core.client.retry import Attempts, RetryPolicy, never_sent
+from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
 from discovery_core.model import ServiceInstance, Snapshot
 from discovery_core.watcher import Watch, Watcher
 
@@ -42,10 +43,11 @@ class _AioPool(Pool[grpc.aio.Channel]):
         policy: str,
         *,
         health_check: bool,
+        panic_threshold: float,
         credentials: grpc.ChannelCredentials | None,
         options: Sequence[tuple[str, Any]],
     ) -> None:
-        super().__init__(service, policy, health_check=health_check)
+        super().__init__(service, policy, health_check=health_check, panic_threshold=panic_threshold)
         self._credentials = credentials
         self._options = list(options)
         self._changed = asyncio.Event()
@@ -350,6 +352,13 @@ class AioDiscoveryChannel(grpc.aio.Channel):
     def service(self) -> str:
         return self._pool.service
 
+    @property
+    def fail_open_since(self) -> float | None:
+        """Since when (wall time) the registry's healthy set is below the panic
+        threshold and the channel keeps calling instances it marks critical that still
+        answer SERVING themselves; None when it is not failing open."""
+        return self._pool.fail_open_since
+
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         try:
             self._loop.call_soon_threadsafe(self._pool.apply, snapshot)
@@ -432,13 +441,18 @@ def discovery_channel(
     policy: str = "round_robin",
     retry: RetryPolicy | None = None,
     health_check: bool = True,
+    panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
     tags: tuple[str, ...] = (),
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> AioDiscoveryChannel:
     """``discovery_core.discovery_channel`` for asyncio; call it inside the event loop."""
-    pool = _AioPool(service, policy, health_check=health_check, credentials=credentials, options=options)
-    watch = watcher.watch(service, tags=tags)
+    pool = _AioPool(
+        service, policy, health_check=health_check, panic_threshold=panic_threshold,
+        credentials=credentials, options=options,
+    )  # fmt: skip
+    # Every listed instance with its health: the pool chooses (and fails open).
+    watch = watcher.watch(service, passing_only=False, tags=tags)
     try:
         return AioDiscoveryChannel(watch, pool, retry=retry)
     except BaseException:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 from typing import Generic
 
 from discovery_core.client.endpoint import CONNECTING, DOWN, READY, C, Endpoint
 from discovery_core.client.picker import Picker, policy_class
-from discovery_core.model import HealthStatus, ServiceInstance, Snapshot
+from discovery_core.client.select import check_threshold, select
+from discovery_core.model import ServiceInstance, Snapshot
 
 __all__ = ["Pool"]
 
@@ -31,10 +33,14 @@ class Pool(Generic[C], abc.ABC):
     waking callers that wait for a usable picker.
     """
 
-    def __init__(self, service: str, policy: str, *, health_check: bool) -> None:
+    def __init__(self, service: str, policy: str, *, health_check: bool, panic_threshold: float) -> None:
         self.service = service
         self.policy = policy_class(policy)
         self.health_check = health_check
+        self.panic_threshold = check_threshold(panic_threshold)
+        #: Wall time since when the registry's healthy set is below the panic threshold
+        #: and the channel keeps its critical instances (None: not failing open).
+        self.fail_open_since: float | None = None
         self.closed = False
         self.picker: Picker[C] = self.policy(service, (), connecting=False, known=0)
         self.endpoints: dict[str, Endpoint[C]] = {}
@@ -61,7 +67,9 @@ class Pool(Generic[C], abc.ABC):
     def apply(self, snapshot: Snapshot) -> None:
         if self.closed:
             return
-        wanted = {inst.id: inst for inst in snapshot.instances if snapshot.status(inst.id) is not HealthStatus.CRITICAL}
+        selection = select(snapshot, self.panic_threshold)
+        self._fail_open(selection.panicked, selection.healthy, selection.listed)
+        wanted = {inst.id: inst for inst in selection.instances}
         gone = []
         for instance_id, endpoint in list(self.endpoints.items()):
             instance = wanted.get(instance_id)
@@ -78,6 +86,19 @@ class Pool(Generic[C], abc.ABC):
         self.rebuild()  # before closing anything, so no new pick lands on a closed endpoint
         for endpoint in gone:
             self._retire(endpoint)
+
+    def _fail_open(self, panicked: bool, healthy: int, listed: int) -> None:
+        if panicked and self.fail_open_since is None:
+            self.fail_open_since = time.time()
+            how = "while each one's own health stream says SERVING" if self.health_check else "as last known"
+            log.warning(
+                "%s: the registry shows %d of %d instances healthy (below %.0f%%): failing open, "
+                "keeping calls on every listed instance %s",
+                self.service, healthy, listed, self.panic_threshold * 100, how,
+            )  # fmt: skip
+        elif not panicked and self.fail_open_since is not None:
+            self.fail_open_since = None
+            log.info("%s: the registry shows %d of %d instances healthy: fail-open ends", self.service, healthy, listed)
 
     def set_state(self, endpoint: Endpoint[C], state: str) -> None:
         if endpoint.state == state or endpoint.retired or self.closed:

@@ -40,6 +40,7 @@ from discovery_core.client.health_watch import HealthFollower
 from discovery_core.client.picker import Picker, Policy
 from discovery_core.client.pool import Pool
 from discovery_core.client.retry import Attempts, RetryPolicy, never_sent
+from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
 from discovery_core.model import ServiceInstance, Snapshot
 from discovery_core.watcher import Watch, Watcher
 
@@ -57,10 +58,11 @@ class _SyncPool(Pool[grpc.Channel]):
         policy: str,
         *,
         health_check: bool,
+        panic_threshold: float,
         credentials: grpc.ChannelCredentials | None,
         options: Sequence[tuple[str, Any]],
     ) -> None:
-        super().__init__(service, policy, health_check=health_check)
+        super().__init__(service, policy, health_check=health_check, panic_threshold=panic_threshold)
         self.lock = threading.Condition(threading.Lock())
         self._credentials = credentials
         self._options = list(options)
@@ -421,6 +423,13 @@ class DiscoveryChannel(grpc.Channel):
     def service(self) -> str:
         return self._pool.service
 
+    @property
+    def fail_open_since(self) -> float | None:
+        """Since when (wall time) the registry's healthy set is below the panic
+        threshold and the channel keeps calling instances it marks critical that still
+        answer SERVING themselves; None when it is not failing open."""
+        return self._pool.fail_open_since
+
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         with self._pool.lock:
             self._pool.apply(snapshot)
@@ -521,6 +530,7 @@ def discovery_channel(
     policy: Policy | str = "round_robin",
     retry: RetryPolicy | None = None,
     health_check: bool = True,
+    panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
     tags: tuple[str, ...] = (),
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
@@ -531,12 +541,19 @@ def discovery_channel(
     ``weight``) or ``least_request`` (fewest outstanding calls of two random picks).
     ``retry``: retries for idempotent methods (calls that never reached a server are
     retried on another instance anyway). ``health_check``: follow each instance's
-    grpc.health.v1 ``Watch`` so NOT_SERVING drops it at once. With no instance a call
-    fails at once with UNAVAILABLE naming the service, or with ``wait_for_ready``
-    waits up to its deadline for one.
+    grpc.health.v1 ``Watch`` so NOT_SERVING drops it at once. ``panic_threshold``:
+    when fewer than this fraction of the instances the registry lists are healthy (a
+    failed or partitioned agent, not a drain: drained instances leave the list), keep
+    calling the listed ones while their own health stream says SERVING (0: never).
+    With no instance a call fails at once with UNAVAILABLE naming the service, or
+    with ``wait_for_ready`` waits up to its deadline for one.
     """
-    pool = _SyncPool(service, policy, health_check=health_check, credentials=credentials, options=options)
-    watch = watcher.watch(service, tags=tags)
+    pool = _SyncPool(
+        service, policy, health_check=health_check, panic_threshold=panic_threshold,
+        credentials=credentials, options=options,
+    )  # fmt: skip
+    # Every listed instance with its health: the pool chooses (and fails open).
+    watch = watcher.watch(service, passing_only=False, tags=tags)
     try:
         return DiscoveryChannel(watch, pool, retry=retry)
     except BaseException:
