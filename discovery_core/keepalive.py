@@ -104,14 +104,14 @@ class Keepalive:
                 self._sweep_due = time.monotonic()
                 self._cond.notify()
 
-    def close(self) -> None:
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
         with self._cond:
             self._stopped = True
             self._tracked.clear()
             thread = self._thread
             self._cond.notify()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(_CLOSE_TIMEOUT)
+            thread.join(timeout)
             if thread.is_alive():
                 log.warning("the keepalive's request to the backend did not return on close")
 

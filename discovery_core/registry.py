@@ -74,13 +74,16 @@ class Registry(abc.ABC):
     the idle sweeps that verify every live Registration), ``keepalive_retry_base``/
     ``keepalive_retry_cap`` (the fast backoff after a failed keepalive request or a
     restore not yet confirmed), ``sync_grace`` (how long an instance the backend
-    holds may stay invisible to clients before one warning says so).
+    holds may stay invisible to clients before one warning says so),
+    ``close_deregister_timeout`` (how long closing waits for its deregistrations: a
+    backend that does not answer must not hold up a process that is leaving).
     """
 
     keepalive_interval: float = 10.0
     keepalive_retry_base: float = 0.25
     keepalive_retry_cap: float = 2.0
     sync_grace: float = 5.0
+    close_deregister_timeout: float = 0.8
     _closed = False
 
     def __init__(self) -> None:
@@ -142,14 +145,37 @@ class Registry(abc.ABC):
                 del self._live[registration.instance.id]
 
     def _close_registrations(self) -> None:
+        """Stop the keepalive (so it restores nothing), then deregister every live
+        Registration; give up once the backend has confirmed none for
+        ``close_deregister_timeout`` (a backend that answers gets them all)."""
         with self._live_lock:
             live, self._live = list(self._live.values()), {}
+        self._keepalive.close(timeout=self.close_deregister_timeout / 2)
+        if not live:
+            return
+        progress = threading.Semaphore(0)
+        worker = threading.Thread(
+            target=self._deregister_all, args=(live, progress.release), name="discovery-close", daemon=True
+        )
+        worker.start()
+        done = 0
+        while done < len(live) and progress.acquire(timeout=self.close_deregister_timeout):
+            done += 1
+        if done < len(live):
+            log.warning(
+                "closing: the backend confirmed no deregistration for %.1f s (%d of %d left); "
+                "instances it still holds leave when their checks fail",
+                self.close_deregister_timeout, len(live) - done, len(live),
+            )  # fmt: skip
+
+    @staticmethod
+    def _deregister_all(live: list[Registration], confirmed: Callable[[], None]) -> None:
         for registration in live:
             try:
                 registration.deregister()
             except DiscoveryError as exc:
                 log.warning("could not deregister %r on close: %s", registration.instance.id, exc)
-        self._keepalive.close()
+            confirmed()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -57,6 +57,9 @@ _T = TypeVar("_T")
 _UNAVAILABLE = re.compile(r"^50[234]\b|No cluster leader|No known Consul servers|rpc error|connection refused", re.I)
 
 
+_STALE_KEEPALIVE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
 def _shutdown(sock: socket.socket) -> None:
     # socket.socket.shutdown, not SSLSocket.shutdown: the reading thread keeps its
     # SSL object and simply sees the connection end.
@@ -327,16 +330,25 @@ class ConsulClient:
         """GET a list endpoint on a query connection (a blocking query when ``params``
         holds an index and a wait); setting ``stop`` ends it at once."""
         url = f"{path}?{urllib.parse.urlencode(params)}" if params else path
-        try:
-            conn = self._connections.take()
-        except OSError as exc:
-            self._translate(exc)
-        try:
-            status, headers, body = conn.ask(url, self._headers, self._timeout(params), stop)
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            self._connections.give(conn, reuse=False)
-            self._translate(exc)
-        self._connections.give(conn)
+        for attempt in (1, 2):
+            try:
+                conn = self._connections.take()
+            except OSError as exc:
+                self._translate(exc)
+            try:
+                status, headers, body = conn.ask(url, self._headers, self._timeout(params), stop)
+            except _STALE_KEEPALIVE as exc:
+                # The agent closed an idle keep-alive connection as we reused it: the
+                # request never reached it, so ask once more on a fresh one.
+                self._connections.give(conn, reuse=False)
+                if attempt == 2 or (stop is not None and stop.is_set()):
+                    self._translate(exc)
+                continue
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+                self._connections.give(conn, reuse=False)
+                self._translate(exc)
+            self._connections.give(conn)
+            break
         index: Any = headers.get("X-Consul-Index")
         entries: Any = None
         if status == 200 and index is not None:

@@ -20,11 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-__all__ = ["DevAgent", "DevAgentError", "free_port"]
+__all__ = ["DevAgent", "DevAgentError", "connections_to", "free_port"]
 
 log = logging.getLogger("discovery_consul.devagent")
 
@@ -49,10 +50,32 @@ def free_port() -> int:
             return port
 
 
+def connections_to(address: str) -> int:
+    """How many TCP connections this process has open to ``host:port`` (IPv4), from
+    /proc: the sockets among its file descriptors whose peer is that address."""
+    host, port = address.rsplit(":", 1)
+    peer = f"{socket.inet_aton(host)[::-1].hex().upper()}:{int(port):04X}"
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        # fields: sl, local, remote, state (01 = ESTABLISHED), ..., inode at 9
+        if fields[2] == peer and fields[3] == "01" and fields[9] in inodes:
+            count += 1
+    return count
+
+
 class DevAgent:
     """One ``consul agent -dev`` process; ``address`` is its HTTP (or HTTPS) ``host:port``.
 
-    ``hcl`` is extra agent configuration (ACLs, TLS). ``https=True`` adds an HTTPS
+    ``hcl`` is extra agent configuration (ACLs, TLS); ``config_files`` are loaded too
+    (a JSON file of ``services`` preloads thousands of instances in a second).
+    ``https=True`` adds an HTTPS
     port and makes ``address`` point at it (the HTTP port stays on for readiness).
     The log goes to ``log_path`` (a temporary file unless given).
     """
@@ -66,6 +89,7 @@ class DevAgent:
         log_path: str | os.PathLike[str] | None = None,
         start_timeout: float = 30.0,
         token: str | None = None,
+        config_files: tuple[str | os.PathLike[str], ...] = (),
     ) -> None:
         found = shutil.which(binary)
         if found is None:
@@ -74,6 +98,7 @@ class DevAgent:
         self.ports = {name: free_port() for name in _PORT_NAMES}
         self.https_port = free_port() if https else None
         self.hcl = hcl
+        self.config_files = tuple(config_files)
         self.start_timeout = start_timeout
         self._token = token
         self._tmp = tempfile.TemporaryDirectory(prefix="consul-dev-")
@@ -113,6 +138,7 @@ class DevAgent:
             command.append(f"-hcl=ports {{ https = {self.https_port} }}")
         if self.hcl:
             command.append(f"-hcl={self.hcl}")
+        command += [f"-config-file={path}" for path in self.config_files]
         return command
 
     def start(self) -> None:
@@ -165,6 +191,18 @@ class DevAgent:
                 self._process.kill()
                 self._process.wait(timeout=10)
         self._close_log()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The agent stopped (SIGSTOP) and resumed on leaving: the kernel still accepts
+        connections for it, but nothing answers, as with a blackholed agent."""
+        if self._process is None:
+            raise DevAgentError("the agent is not running")
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Kill and start again on the same ports, with no state."""

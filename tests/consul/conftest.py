@@ -200,3 +200,23 @@ def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def until() -> Callable[[Callable[[], bool], float, str], None]:
     """``until(predicate, timeout, what)``: wait for a condition with a deadline."""
     return _until
+
+
+CROWDED_SERVICES = 1000
+CROWDED_INSTANCES = 10
+
+
+@pytest.fixture(scope="module")
+def crowded_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevAgent]:
+    """An agent holding 1,000 services of 10 instances each (no checks), loaded from
+    its config in about a second rather than registered one by one."""
+    config = tmp_path_factory.mktemp("crowded") / "services.json"
+    services = [
+        {"id": f"budget-{s:04d}-{n}", "name": f"budget-{s:04d}", "address": "127.0.0.1", "port": 10000 + n}
+        for s in range(CROWDED_SERVICES)
+        for n in range(CROWDED_INSTANCES)
+    ]
+    config.write_text(json.dumps({"services": services}))
+    agent = start_dev_agent(tmp_path_factory, "crowded", config_files=(config,))
+    yield agent
+    agent.close()
