@@ -230,6 +230,11 @@ class DevCluster:
                     return next((c["Status"] for c in checks if c["CheckID"] == "serfHealth"), None)
         return None
 
+    def services(self, member: Member) -> list[str]:
+        """The IDs of the services registered in ``member`` (empty when it does not answer)."""
+        answer = _get(member.http_address, "/v1/agent/services") if member.running else None
+        return list(answer) if isinstance(answer, dict) else []
+
     def in_catalog(self, member: Member) -> bool:
         """Whether the catalog holds ``member``'s node under the ID it runs with now (the
         servers refuse a new ID for a name they know, as after a restart with a fresh
