@@ -49,7 +49,7 @@ class ClusterError(RuntimeError):
 def netns_problem() -> str | None:
     """Why a DevCluster cannot run in this process (None: it can).
 
-    It needs root, iptables, a ``consul`` binary and a network namespace whose only
+    It needs root, iptables, setpriv, a ``consul`` binary and a network namespace whose only
     interface is an up loopback (``unshare -n`` makes one), so that its rules and
     addresses can reach nothing else.
     """
@@ -57,6 +57,8 @@ def netns_problem() -> str | None:
         return "no `consul` binary on PATH"
     if shutil.which("iptables") is None:
         return "no `iptables` on PATH (Debian: apt-get install iptables)"
+    if shutil.which("setpriv") is None:
+        return "no `setpriv` on PATH (util-linux)"
     if os.geteuid() != 0:
         return "not root: partitions need iptables in a network namespace of our own"
     others = sorted(name for _, name in socket.if_nameindex() if name != "lo")
@@ -134,14 +136,12 @@ class Member:
         self._log = self.log_path.open("ab")
         self._log.write(f"==== start {'fresh ' if fresh else ''}at {time.strftime('%H:%M:%S')}\n".encode())
         self._log.flush()
+        # setpriv, not Popen(user=...): changing users makes subprocess fork() instead of
+        # vfork(), and a fork of a process busy with gRPC threads crashed the child now
+        # and then (SIGSEGV/SIGABRT before exec, ~1 start in 40 under load).
+        setpriv = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
         self._process = subprocess.Popen(
-            self._command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            user=self.uid,
-            group=self.uid,
-            extra_groups=[],
+            [*setpriv, *self._command()], stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         log.info("started %s at %s", self.name, self.address)
 
@@ -268,7 +268,8 @@ class DevCluster:
         while not condition():
             dead = [m for m in self.members if m.exited() not in (None, -signal.SIGKILL)]
             if dead:
-                raise ClusterError(f"{', '.join(m.name for m in dead)} exited while waiting for {what}{self._logs()}")
+                codes = ", ".join(f"{m.name} (code {m.exited()})" for m in dead)
+                raise ClusterError(f"{codes} exited while waiting for {what}{self._logs()}")
             if time.monotonic() > deadline:
                 raise ClusterError(f"not within {deadline - started:.0f} s: {what}{self._logs()}")
             time.sleep(0.05)  # polling Consul's HTTP API: it has no event for these
