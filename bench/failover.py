@@ -19,14 +19,11 @@ import contextlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 
-from discovery_examples.addservice.fleet import KILL_RETRY, Event, Fleet, Instance, Load, Outcome
+from discovery_examples.addservice.fleet import Outcome, Scenario
 
 import discovery_core as dc
-
-_FOLLOW_TIMEOUT = 30.0  # seconds an event may take to be followed before the run fails
 
 
 @contextlib.contextmanager
@@ -43,57 +40,6 @@ def _consul_address(explicit: str | None) -> Iterator[str | None]:
     with DevAgent() as agent:
         agent.start()
         yield agent.address
-
-
-class Scenario:
-    """A fleet of ``size`` instances under load; events are measured as they happen."""
-
-    def __init__(self, backend: dc.Backend, *, threads: int, retry: bool, size: int = 3) -> None:
-        self.service = f"add-{uuid.uuid4().hex[:8]}"
-        self.fleet = Fleet(backend, service=self.service, drain=1.0)
-        self.instances = [self.fleet.start() for _ in range(size)]
-        retry_policy = KILL_RETRY if retry else None
-        self.channel = dc.discovery_channel(backend, self.service, retry=retry_policy)
-        if not self.channel.wait_ready(timeout=_FOLLOW_TIMEOUT):
-            raise SystemExit(f"{self.service}: the channel never became ready")
-        self.load = Load(self.channel, threads=threads).start()
-        self.events: list[Event] = []
-
-    def _followed(self, label: str, instance: Instance, kind: str, at: float) -> None:
-        self.events.append(Event(f"  {label}", instance.name, at, kind))
-        if not self.load.wait_for(kind, instance.name, since=at, timeout=_FOLLOW_TIMEOUT):
-            raise SystemExit(f"{label}: traffic did not follow within {_FOLLOW_TIMEOUT} s")
-
-    def start(self) -> Instance:
-        at = time.monotonic()
-        instance = self.fleet.start()
-        self._followed(f"start {instance.name}", instance, "join", at)
-        return instance
-
-    def drain(self, instance: Instance) -> None:
-        at = time.monotonic()
-        self.fleet.drain(instance)
-        self._followed(f"drain {instance.name}", instance, "leave", at)
-
-    def kill(self, instance: Instance) -> None:
-        at = time.monotonic()
-        self.fleet.kill(instance)
-        self._followed(f"kill {instance.name}", instance, "leave", at)
-
-    def flip(self, instance: Instance, serving: bool) -> None:
-        at = time.monotonic()
-        self.fleet.flip(instance, serving)
-        state = "SERVING" if serving else "NOT_SERVING"
-        self._followed(f"{instance.name} {state}", instance, "join" if serving else "leave", at)
-
-    def close(self) -> list[Outcome]:
-        time.sleep(0.3)  # a last quiet stretch so the final event's window holds calls
-        self.load.stop()
-        self.channel.close()
-        self.fleet.close()
-        end = time.monotonic()
-        ends = [e.at for e in self.events[1:]] + [end]
-        return [self.load.outcome(event, until=until) for event, until in zip(self.events, ends, strict=True)]
 
 
 def rolling_restart(backend: dc.Backend, threads: int) -> list[Outcome]:

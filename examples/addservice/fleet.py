@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
@@ -57,13 +58,21 @@ class Fleet:
     """Add-service instances on ephemeral ports of 127.0.0.1, registered in ``registry``."""
 
     def __init__(
-        self, registry: dc.Registry, *, service: str = SERVICE, drain: float = 0.5, grace: float = 2.0, workers: int = 8
+        self,
+        registry: dc.Registry,
+        *,
+        service: str = SERVICE,
+        drain: float = 0.5,
+        grace: float = 2.0,
+        workers: int = 8,
+        check: dc.Check | bool = True,
     ) -> None:
         self.registry = registry
         self.service = service
         self.drain_seconds = drain
         self.grace = grace
         self.workers = workers
+        self.check = check
         self.instances: list[Instance] = []
         self._names = (f"add-{n}" for n in itertools.count(1))
 
@@ -77,6 +86,7 @@ class Fleet:
             self.service,
             advertise="127.0.0.1",
             instance_id=name,
+            check=self.check,
             drain=self.drain_seconds,
             grace=self.grace,
             handle_signals=False,
@@ -115,7 +125,8 @@ class Event:
     label: str
     instance: str
     at: float
-    kind: str  # "leave": traffic should stop reaching it; "join": traffic should reach it
+    kind: str  # "leave": traffic should stop reaching it; "join": traffic should reach it;
+    # "hold" (instance ""): a fault outside the fleet that traffic should ride out
 
 
 @dataclass
@@ -156,7 +167,7 @@ class Traffic:
 
         leave: from the event to the last call the instance answered or that failed
         (followed once ``quiet`` seconds of calls passed without either). join: to the
-        first call the instance answered.
+        first call the instance answered. hold: to the last call that failed (0 if none).
         """
         window = [r for r in self.snapshot() if event.at <= r[0] <= until]
         failed = sum(1 for _, _, code in window if code != "OK")
@@ -172,13 +183,20 @@ class Load(Traffic):
     """Calls Add in a loop on ``threads`` threads, recording who answered each call."""
 
     def __init__(
-        self, channel: grpc.Channel, *, threads: int = 2, timeout: float = 2.0, wait_for_ready: bool = False
+        self,
+        channel: grpc.Channel,
+        *,
+        threads: int = 2,
+        timeout: float = 2.0,
+        wait_for_ready: bool = False,
+        backoff: float = 0.0,
     ) -> None:
         super().__init__()
         self.channel = channel
         self.threads = threads
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
+        self.backoff = backoff  # seconds a thread pauses after a failed call (fail-fast calls would spin)
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
 
@@ -205,6 +223,8 @@ class Load(Traffic):
                 )
             except grpc.RpcError as error:
                 self.record(None, error.code().name if isinstance(error, grpc.Call) else "UNKNOWN")
+                if self.backoff:
+                    self._stop.wait(self.backoff)
             else:
                 answered = dict(call.trailing_metadata() or ()).get("instance")
                 self.record(str(answered), "OK" if reply.v == n + 1 else "WRONG")
@@ -212,3 +232,85 @@ class Load(Traffic):
     def wait_for(self, kind: str, instance: str, *, since: float, timeout: float) -> bool:
         """Wait until traffic followed a "join" or "leave" of ``instance``; False at the timeout."""
         return wait_until(lambda: self.followed(kind, instance, since), timeout, interval=0.02)
+
+
+class FollowTimeout(TimeoutError):
+    """Traffic did not follow an event of a Scenario in time."""
+
+
+class Scenario:
+    """A fleet of ``size`` instances registered in ``registry`` and a discovery channel
+    on ``watcher`` (default: the registry itself) under load; events are measured as
+    they happen. ``retry``: the channel retries with KILL_RETRY (else not at all).
+    """
+
+    def __init__(
+        self,
+        registry: dc.Backend,
+        watcher: dc.Backend | None = None,
+        *,
+        threads: int,
+        retry: bool,
+        size: int = 3,
+        check: dc.Check | bool = True,
+        backoff: float = 0.0,
+        follow_timeout: float = 30.0,
+    ) -> None:
+        self.service = f"add-{uuid.uuid4().hex[:8]}"
+        self.follow_timeout = follow_timeout
+        self.fleet = Fleet(registry, service=self.service, drain=1.0, check=check)
+        self.events: list[Event] = []
+        try:
+            self.instances = [self.fleet.start() for _ in range(size)]
+            self.channel = dc.discovery_channel(watcher or registry, self.service, retry=KILL_RETRY if retry else None)
+        except BaseException:
+            self.fleet.close()
+            raise
+        if not self.channel.wait_ready(timeout=follow_timeout):
+            self.channel.close()
+            self.fleet.close()
+            raise FollowTimeout(f"{self.service}: the channel never became ready")
+        self.load = Load(self.channel, threads=threads, backoff=backoff).start()
+
+    def _followed(self, label: str, instance: Instance, kind: str, at: float) -> None:
+        self.events.append(Event(f"  {label}", instance.name, at, kind))
+        if not self.load.wait_for(kind, instance.name, since=at, timeout=self.follow_timeout):
+            raise FollowTimeout(f"{label}: traffic did not follow within {self.follow_timeout} s")
+
+    def start(self) -> Instance:
+        at = time.monotonic()
+        instance = self.fleet.start()
+        self._followed(f"start {instance.name}", instance, "join", at)
+        return instance
+
+    def drain(self, instance: Instance) -> None:
+        at = time.monotonic()
+        self.fleet.drain(instance)
+        self._followed(f"drain {instance.name}", instance, "leave", at)
+
+    def kill(self, instance: Instance) -> None:
+        at = time.monotonic()
+        self.fleet.kill(instance)
+        self._followed(f"kill {instance.name}", instance, "leave", at)
+
+    def flip(self, instance: Instance, serving: bool) -> None:
+        at = time.monotonic()
+        self.fleet.flip(instance, serving)
+        state = "SERVING" if serving else "NOT_SERVING"
+        self._followed(f"{instance.name} {state}", instance, "join" if serving else "leave", at)
+
+    def fault(self, label: str) -> float:
+        """Mark a fault outside the fleet (its "hold" event) starting now; its time."""
+        at = time.monotonic()
+        self.events.append(Event(f"  {label}", "", at, "hold"))
+        return at
+
+    def close(self) -> list[Outcome]:
+        """Stop the load, the channel and the fleet; an outcome per event."""
+        time.sleep(0.3)  # a last quiet stretch so the final event's window holds calls
+        self.load.stop()
+        self.channel.close()
+        self.fleet.close()
+        end = time.monotonic()
+        ends = [e.at for e in self.events[1:]] + [end]  # each event's window ends where the next begins
+        return [self.load.outcome(event, until=until) for event, until in zip(self.events, ends, strict=False)]
