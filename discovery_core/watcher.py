@@ -238,18 +238,19 @@ class Feed:
         except Exception:  # a subscriber's bug must not stop the feed for the others
             log.exception("watch on %r: a subscriber raised", self.query.service)
 
-    def deliver(self, snapshot: Snapshot) -> None:
-        """A fresh answer from the backend: published unless it changes nothing. The
-        index never goes backwards for subscribers, whatever the backend's did."""
+    def deliver(self, snapshot: Snapshot) -> bool:
+        """A fresh answer from the backend: published unless it changes nothing (then
+        False). The index never goes backwards for subscribers, whatever the backend's did."""
         current = self.current
         if current is not None and not current.stale and snapshot.same_content(current):
-            return
+            return False
         index = snapshot.index if current is None else max(snapshot.index, current.index + 1)
         self._publish(dataclasses.replace(snapshot, index=index, stale=False))
         if current is not None:
             gone = {i.id for i in current.instances}.difference(i.id for i in snapshot.instances)
             if gone:
                 self.watcher._feed_noticed(gone=gone)
+        return True
 
     def fail(self, error: DiscoveryError) -> None:
         """The backend could not answer: keep the last set, marked ``stale``."""

@@ -16,12 +16,15 @@ whatever their number:
 - each detector compares its answer with its last, service by service, and hands the
   services that changed to the reader, which reads each once (a plain read) and
   delivers it to its feeds; core's feed drops answers that change nothing. The reader
-  also re-reads every service once per ``wait`` period, for what neither detector
-  shows (a changed address or meta, or a swap the catalog summary cannot tell).
+  also reads a service once more a second after it changed (a change often comes in
+  pairs the summaries cannot tell apart: an instance replaced or restored under the
+  same id), and every service once per ``wait`` period, for what neither detector
+  shows (a changed address or meta).
 
 Consul's cost: a request per detector per change anywhere in the datacenter (each
 answer holds only what concerns the watched services), a read per change of a watched
-service, and at idle a request per detector and a read per feed per ``wait`` period.
+service (two: the follow-up), and at idle a request per detector and a read per feed
+per ``wait`` period.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ log = logging.getLogger("discovery_consul")
 
 _MIN_SPACING = 0.02  # seconds between a detector's requests: at most 50 a second
 _RETRY_BASE, _RETRY_CAP = 0.1, 2.0
+_FOLLOW_UP = 1.0  # seconds after a change before a service is read once more
 
 Fingerprints = Mapping[str, Hashable]
 
@@ -72,6 +76,7 @@ class SharedFeeds:
         self._feeds: dict[str, set[Feed]] = defaultdict(set)
         self._nodes: dict[str, frozenset[str]] = {}  # service -> nodes of its instances
         self._due: list[tuple[float, int, str]] = []  # (when, seq, service): the reader's schedule
+        self._planned: dict[str, float] = {}  # service -> its one planned read (older heap entries are void)
         self._now: set[str] = set()  # services to read at once
         self._seq = 0
         self._stop = Stop()
@@ -106,6 +111,7 @@ class SharedFeeds:
                 if not feeds:
                     del self._feeds[feed.query.service]
                     self._nodes.pop(feed.query.service, None)
+                    self._planned.pop(feed.query.service, None)
 
     def close(self, timeout: float) -> None:
         """Stop the threads (their queries are cut short) within ``timeout``."""
@@ -186,7 +192,8 @@ class SharedFeeds:
             else:
                 for service in services:
                     self._seq += 1
-                    heapq.heappush(self._due, (time.monotonic() + delay, self._seq, service))
+                    when = self._planned[service] = time.monotonic() + delay
+                    heapq.heappush(self._due, (when, self._seq, service))
             self._lock.notify_all()
 
     def _next_service(self) -> str | None:
@@ -201,7 +208,7 @@ class SharedFeeds:
                     timeout = when - time.monotonic()
                     if timeout <= 0:
                         heapq.heappop(self._due)
-                        if service in self._feeds:
+                        if service in self._feeds and self._planned.get(service) == when:
                             return service
                         continue
                 self._lock.wait(timeout)
@@ -212,6 +219,7 @@ class SharedFeeds:
             with self._lock:
                 feeds = list(self._feeds.get(service, ()))
             nodes: set[str] = set()
+            changed = False
             for feed in feeds:
                 if feed.closed:
                     continue
@@ -224,12 +232,15 @@ class SharedFeeds:
                     self._schedule((service,), at_once=False, delay=_RETRY_CAP)
                     continue
                 nodes |= where
-                feed.deliver(snapshot)
+                changed |= feed.deliver(snapshot)
             with self._lock:
                 if service in self._feeds:
                     self._nodes[service] = frozenset(nodes)
-            # Resync once per wait period, jittered: catches what shows in no check.
-            self._schedule((service,), at_once=False, delay=random.uniform(0.5, 1.0) * self._wait)
+            # A change is often followed by another the detectors may not tell apart
+            # (an instance replaced under the same id, a restore): read again soon.
+            # Otherwise resync once per wait period, jittered: what shows in no check.
+            delay = _FOLLOW_UP if changed else random.uniform(0.5, 1.0) * self._wait
+            self._schedule((service,), at_once=False, delay=delay)
 
 
 def _changed(names: Iterable[str], before: Fingerprints, after: Fingerprints) -> set[str]:
