@@ -171,11 +171,22 @@ class _FloorSide(_Side):
     """A raw blocking query (http.client, no library). Its registrations are raw PUTs,
     or, given ``registrar``, that backend's own ``register()`` calls."""
 
-    def __init__(self, address: str, *, registrar: dc.Backend | None = None, label: str = "floor (raw PUT)") -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        registrar: dc.Backend | None = None,
+        label: str = "floor (raw PUT)",
+        service: str | None = None,
+        initial: frozenset[str] = frozenset(),
+        passing_only: bool = False,
+    ) -> None:
         self.label = label
         self.raw = _Raw(address)
         self.registrar = registrar
-        self.service = f"bench-floor-{uuid.uuid4().hex[:10]}"
+        self.service = service or f"bench-floor-{uuid.uuid4().hex[:10]}"
+        self.initial = initial  # the instance ids the service holds before the first sample
+        self.filter = "passing=1&" if passing_only else ""  # the same view as the watch beside it
         self.seen = _Seen()
 
     @contextlib.contextmanager
@@ -185,14 +196,14 @@ class _FloorSide(_Side):
         def follow() -> None:
             index = 0
             while not done.is_set():
-                query = f"?index={index}&wait=2s" if index else ""
+                query = f"?{self.filter}index={index}&wait=2s" if index else f"?{self.filter}"
                 index, body = self.raw.request("GET", f"/v1/health/service/{self.service}{query}")
                 self.seen.update(frozenset(entry["Service"]["ID"] for entry in json.loads(body)))
 
         follower = threading.Thread(target=follow, name="bench-floor", daemon=True)
         follower.start()
         try:
-            self.seen.wait_for(lambda ids: not ids)
+            self.seen.wait_for(lambda ids: ids == self.initial)
             yield
         finally:
             done.set()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from discovery_consul._client import ConsulClient, HealthResult, Settings
-from discovery_consul._shared import Detector, Fingerprints, SharedFeeds
+from discovery_consul._shared import Detector, Fingerprints, Read, SharedFeeds, Watched
 from discovery_core import (
     Backend,
     Check,
@@ -178,7 +178,7 @@ class ConsulBackend(Backend):
         self._direct = threading.BoundedSemaphore(direct) if direct else None
         detectors = (
             Detector("check", self._detect_checks, critical=True),
-            Detector("catalog", self._detect_instances, critical=False),
+            Detector("catalog", self._detect_registrations, critical=False),
         )
         self._shared = SharedFeeds(detectors, self._read, self.wait)
         self._node: tuple[str, str] | None = None  # the agent's (name, id), read again after a loss
@@ -269,9 +269,9 @@ class ConsulBackend(Backend):
         self._check_open()
         params = self._params(query)
         if index <= 0:  # a one-shot read: on a control connection, never behind a blocking query
-            return self._snapshot(query, self._client.read_health(query.service, params))[0]
+            return self._snapshot(query, self._client.read_health(query.service, params)).snapshot
         params += [("index", str(index)), ("wait", _go_duration(self.wait))]
-        return self._snapshot(query, self._client.health(query.service, params))[0]
+        return self._snapshot(query, self._client.health(query.service, params)).snapshot
 
     def _params(self, query: Query) -> list[tuple[str, str]]:
         params: list[tuple[str, str]] = []
@@ -290,26 +290,26 @@ class ConsulBackend(Backend):
             options.append(("stale", ""))
         return options
 
-    def _read(self, query: Query) -> tuple[Snapshot, frozenset[str]]:
+    def _read(self, query: Query) -> Read:
         """The shared reader's read: non-blocking, on a query connection."""
         self._check_open()
         return self._snapshot(query, self._client.health(query.service, self._params(query)))
 
-    def _blocking(self, index: int, expression: str) -> list[tuple[str, str]]:
-        params = [("filter", expression), *self._read_options()]
+    def _blocking(self, index: int) -> list[tuple[str, str]]:
+        """A detector's read options, and its index and wait once it has an index."""
+        params = self._read_options()
         if index > 0:
             params += [("index", str(index)), ("wait", _go_duration(self.wait))]
         return params
 
-    def _detect_checks(
-        self, index: int, services: frozenset[str], nodes: frozenset[str], stop: Stop
-    ) -> tuple[int, Fingerprints, Fingerprints]:
+    def _detect_checks(self, index: int, watched: Watched, stop: Stop) -> tuple[int, Fingerprints, Fingerprints]:
         """Every check of the watched services and of their nodes, by service and by node."""
         self._check_open()
-        expression = f"ServiceName matches {_bexpr_string(_alternatives(services))}"
-        if nodes:
-            expression += f' or (ServiceID == "" and Node matches {_bexpr_string(_alternatives(nodes))})'
-        result = self._client.get_list("/v1/health/state/any", self._blocking(index, expression), stop=stop)
+        expression = f"ServiceName matches {_bexpr_string(_alternatives(watched.services))}"
+        if watched.nodes:
+            expression += f' or (ServiceID == "" and Node matches {_bexpr_string(_alternatives(watched.nodes))})'
+        params = [("filter", expression), *self._blocking(index)]
+        result = self._client.get_list("/v1/health/state/any", params, stop=stop)
         by_service: dict[str, set[tuple[str, ...]]] = {}
         by_node: dict[str, set[tuple[str, ...]]] = {}
         for entry in result.entries:
@@ -320,33 +320,37 @@ class ConsulBackend(Backend):
                 by_node.setdefault(key[0], set()).add(key)
         return result.index, _frozen(by_service), _frozen(by_node)
 
-    def _detect_instances(
-        self, index: int, services: frozenset[str], nodes: frozenset[str], stop: Stop
-    ) -> tuple[int, Fingerprints, Fingerprints]:
-        """The watched services' instance counts and nodes (what has no check shows here)."""
+    def _detect_registrations(self, index: int, watched: Watched, stop: Stop) -> tuple[int, Fingerprints, Fingerprints]:
+        """On any registration change in the datacenter: a change for each service that
+        may hold an instance without a check (their fingerprint is the index), and for
+        any watched service that appeared, left or changed its tags."""
         self._check_open()
-        expression = f"Service.Service matches {_bexpr_string(_alternatives(services))}"
-        result = self._client.get_list("/v1/internal/ui/services", self._blocking(index, expression), stop=stop)
+        returned, names = self._client.get_object("/v1/catalog/services", self._blocking(index), stop=stop)
         fingerprints = {
-            str(entry.get("Name")): (entry.get("InstanceCount"), tuple(sorted(entry.get("Nodes") or ())))
-            for entry in result.entries
+            name: returned if name in watched.unchecked else (name in names, str(names.get(name)))
+            for name in watched.services
         }
-        return result.index, fingerprints, {}
+        return returned, fingerprints, {}
 
     @staticmethod
-    def _snapshot(query: Query, result: HealthResult) -> tuple[Snapshot, frozenset[str]]:
-        """A health answer as a snapshot, and the nodes its instances run on."""
+    def _snapshot(query: Query, result: HealthResult) -> Read:
+        """A health answer as a snapshot, the nodes its instances run on, and whether
+        one of them (or none at all) has no check of its own."""
         instances: list[ServiceInstance] = []
         health: dict[str, HealthStatus] = {}
         nodes: set[str] = set()
+        unchecked = not result.entries
         for entry in result.entries:
             instance = _instance(entry)
             if instance is None or instance.name != query.service:
                 continue
             instances.append(instance)
-            health[instance.id] = _worst(entry.get("Checks") or [])
+            checks = entry.get("Checks") or []
+            health[instance.id] = _worst(checks)
             nodes.add(str((entry.get("Node") or {}).get("Node", "")))
-        return Snapshot(query.service, tuple(instances), index=result.index, health=health), frozenset(nodes)
+            unchecked |= not any(check.get("ServiceID") == instance.id for check in checks)
+        snapshot = Snapshot(query.service, tuple(instances), index=result.index, health=health)
+        return Read(snapshot, frozenset(nodes), unchecked)
 
     def _close_resources(self) -> None:
         self._shared.close(timeout=0.1)  # first: its threads then take a closed client quietly

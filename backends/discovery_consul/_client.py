@@ -329,6 +329,19 @@ class ConsulClient:
     def get_list(self, path: str, params: list[tuple[str, str]], *, stop: Stop | None = None) -> HealthResult:
         """GET a list endpoint on a query connection (a blocking query when ``params``
         holds an index and a wait); setting ``stop`` ends it at once."""
+        return self._result(path, *self._query(path, params, stop))
+
+    def get_object(
+        self, path: str, params: list[tuple[str, str]], *, stop: Stop | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """``get_list`` for an endpoint that answers a JSON object."""
+        index, found = self._query(path, params, stop)
+        if not isinstance(found, dict):
+            raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-object for {path}")
+        return self._result(path, index, []).index, found
+
+    def _query(self, path: str, params: list[tuple[str, str]], stop: Stop | None) -> tuple[Any, Any]:
+        """The index header and the parsed body of a GET on a query connection."""
         url = f"{path}?{urllib.parse.urlencode(params)}" if params else path
         for attempt in (1, 2):
             try:
@@ -359,7 +372,7 @@ class ConsulClient:
             # every other call, and _call translates it.
             answer = consul.base.Response(status, dict(headers.items()), body.decode("utf-8", "replace"))
             index, entries = self._call(lambda: consul.callback.CB.json(index=True, allow_404=False)(answer))
-        return self._result(path, index, entries)
+        return index, entries
 
     def _result(self, path: str, index: Any, entries: Any) -> HealthResult:
         if not isinstance(entries, list):

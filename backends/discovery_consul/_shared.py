@@ -10,9 +10,14 @@ whatever their number:
   they run on. Its index moves on any check change in the datacenter, so it sees every
   registration and deregistration of an instance with a check, every health change and
   every node failure, naming the very checks;
-- the catalog detector holds one on ``/v1/internal/ui/services`` (the summaries
-  Consul's own UI reads), narrowed to the watched services: their instance counts and
-  nodes, which show instances that have no check come and go;
+- the catalog detector holds one on ``/v1/catalog/services``, whose index moves on any
+  registration or deregistration in the datacenter (not on health changes). An
+  instance without a check shows in no check, so on each move it has the watched
+  services that may hold one read again: those whose last read showed an instance
+  without a check of its own, or no instance at all. (Consul 1.8 applies no filter to
+  this endpoint: its answer lists every service name of the datacenter, about 30 bytes
+  a name. ``/v1/internal/ui/services`` would tell which services changed, but Consul
+  builds it from every instance of the datacenter: 60 ms an answer with 10,000.);
 - each detector compares its answer with its last, service by service, and hands the
   services that changed to the reader, which reads each once (a plain read) and
   delivers it to its feeds; core's feed drops answers that change nothing. The reader
@@ -40,7 +45,7 @@ from dataclasses import dataclass
 
 from discovery_core import DiscoveryError, Feed, Query, Snapshot, Stop
 
-__all__ = ["Detector", "Fingerprints", "SharedFeeds"]
+__all__ = ["Detector", "Fingerprints", "Read", "SharedFeeds", "Watched"]
 
 log = logging.getLogger("discovery_consul")
 
@@ -52,29 +57,49 @@ Fingerprints = Mapping[str, Hashable]
 
 
 @dataclass(frozen=True)
+class Read:
+    """A plain read of one query: the snapshot, the nodes its instances run on, and
+    whether any of them (or none at all) has no check of its own."""
+
+    snapshot: Snapshot
+    nodes: frozenset[str]
+    unchecked: bool
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the detectors narrow their queries to: the watched services, the nodes
+    their instances run on, and the services that may hold an instance without a
+    check (an instance without one, or none at all, at their last read)."""
+
+    services: frozenset[str]
+    nodes: frozenset[str]
+    unchecked: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Detector:
-    """One datacenter-wide blocking query: ``fetch(index, services, nodes, stop)``
-    returns its index, a fingerprint per watched service and one per node (node
-    checks); ``critical``: its failure is the backend's (feeds turn stale), else it
-    is only logged and the reader's resync covers for it."""
+    """One datacenter-wide blocking query: ``fetch(index, watched, stop)`` returns its
+    index, a fingerprint per watched service and one per node (node checks);
+    ``critical``: its failure is the backend's (feeds turn stale), else it is only
+    logged and the reader's resync covers for it."""
 
     name: str
-    fetch: Callable[[int, frozenset[str], frozenset[str], Stop], tuple[int, Fingerprints, Fingerprints]]
+    fetch: Callable[[int, Watched, Stop], tuple[int, Fingerprints, Fingerprints]]
     critical: bool
 
 
 class SharedFeeds:
     """The feeds of one backend that hold no connection of their own."""
 
-    def __init__(
-        self, detectors: Iterable[Detector], read: Callable[[Query], tuple[Snapshot, frozenset[str]]], wait: float
-    ) -> None:
+    def __init__(self, detectors: Iterable[Detector], read: Callable[[Query], Read], wait: float) -> None:
         self._detectors = tuple(detectors)
-        self._read = read  # query -> (snapshot, nodes its instances run on)
+        self._read = read
         self._wait = wait
         self._lock = threading.Condition()
         self._feeds: dict[str, set[Feed]] = defaultdict(set)
         self._nodes: dict[str, frozenset[str]] = {}  # service -> nodes of its instances
+        self._unchecked: set[str] = set()  # services that may hold an instance without a check
         self._due: list[tuple[float, int, str]] = []  # (when, seq, service): the reader's schedule
         self._planned: dict[str, float] = {}  # service -> its one planned read (older heap entries are void)
         self._now: set[str] = set()  # services to read at once
@@ -111,6 +136,7 @@ class SharedFeeds:
                 if not feeds:
                     del self._feeds[feed.query.service]
                     self._nodes.pop(feed.query.service, None)
+                    self._unchecked.discard(feed.query.service)
                     self._planned.pop(feed.query.service, None)
 
     def close(self, timeout: float) -> None:
@@ -125,13 +151,14 @@ class SharedFeeds:
 
     # -- the detectors ------------------------------------------------------------------
 
-    def _watched(self) -> tuple[frozenset[str], frozenset[str]]:
-        """The watched services and the nodes their instances run on."""
+    def _watched(self) -> Watched:
         with self._lock:
             while not self._feeds and not self._stop.is_set():
                 self._lock.wait()
             nodes = frozenset().union(*self._nodes.values()) if self._nodes else frozenset()
-            return frozenset(self._feeds), nodes
+            # A service not read yet may hold anything.
+            unchecked = frozenset(name for name in self._feeds if name in self._unchecked or name not in self._nodes)
+            return Watched(frozenset(self._feeds), nodes, unchecked)
 
     def _run_detector(self, detector: Detector) -> None:
         index = 0
@@ -140,12 +167,13 @@ class SharedFeeds:
         delay = _RETRY_BASE
         outage = False
         while not self._stop.is_set():
-            services, nodes = self._watched()
+            watched = self._watched()
+            services = watched.services
             if self._stop.is_set():
                 return
             started = time.monotonic()
             try:
-                returned, by_service, by_node = detector.fetch(index, services, nodes, self._stop)
+                returned, by_service, by_node = detector.fetch(index, watched, self._stop)
             except DiscoveryError as exc:
                 if self._stop.is_set():
                     return
@@ -219,23 +247,29 @@ class SharedFeeds:
             with self._lock:
                 feeds = list(self._feeds.get(service, ()))
             nodes: set[str] = set()
-            changed = False
+            changed = unchecked = False
             for feed in feeds:
                 if feed.closed:
                     continue
+                first = feed.current is None
                 try:
-                    snapshot, where = self._read(feed.query)
+                    read = self._read(feed.query)
                 except DiscoveryError as exc:
                     if self._stop.is_set():
                         return
                     feed.fail(exc)
                     self._schedule((service,), at_once=False, delay=_RETRY_CAP)
                     continue
-                nodes |= where
-                changed |= feed.deliver(snapshot)
+                nodes |= read.nodes
+                unchecked |= read.unchecked
+                changed |= feed.deliver(read.snapshot) and not first
             with self._lock:
                 if service in self._feeds:
                     self._nodes[service] = frozenset(nodes)
+                    if unchecked:
+                        self._unchecked.add(service)
+                    else:
+                        self._unchecked.discard(service)
             # A change is often followed by another the detectors may not tell apart
             # (an instance replaced under the same id, a restore): read again soon.
             # Otherwise resync once per wait period, jittered: what shows in no check.

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-__all__ = ["DevAgent", "DevAgentError", "connections_to", "free_port"]
+__all__ = ["DevAgent", "DevAgentError", "connections_to", "free_port", "populate"]
 
 log = logging.getLogger("discovery_consul.devagent")
 
@@ -68,6 +68,34 @@ def connections_to(address: str) -> int:
         if fields[2] == peer and fields[3] == "01" and fields[9] in inodes:
             count += 1
     return count
+
+
+def populate(
+    address: str, prefix: str, services: int, instances: int, *, per_node: int = 100, checks: bool = True
+) -> None:
+    """Put ``services`` x ``instances`` instances into the catalog on nodes of their
+    own, each with a passing check (unless ``checks`` is False), through ``/v1/txn`` 64
+    operations at a time: a crowded datacenter in seconds, with no agent holding them
+    (other nodes' instances, as in production). The services are named
+    ``<prefix>-0000`` and on."""
+    entries = [(f"{prefix}-{s:04d}", n) for s in range(services) for n in range(instances)]
+    operations: list[dict[str, object]] = []
+    for k, (service, n) in enumerate(entries):
+        node = f"{prefix}-node-{k // per_node}"
+        if k % per_node == 0:
+            operations.append({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.9"}}})
+        instance_id = f"{service}-{n}"
+        body = {"ID": instance_id, "Service": service, "Address": "127.0.0.9", "Port": 10000 + n}
+        operations.append({"Service": {"Verb": "set", "Node": node, "Service": body}})
+        if checks:
+            check = {"Node": node, "CheckID": f"service:{instance_id}", "Name": "ttl", "Status": "passing"}
+            operations.append({"Check": {"Verb": "set", "Check": {**check, "ServiceID": instance_id}}})
+    for start in range(0, len(operations), 64):
+        request = urllib.request.Request(
+            f"http://{address}/v1/txn", json.dumps(operations[start : start + 64]).encode(), method="PUT"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
 
 
 class DevAgent:
