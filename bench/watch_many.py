@@ -168,15 +168,15 @@ def measure(address: str, size: int, count: int, idle: float, period: float) -> 
 
 
 @contextlib.contextmanager
-def crowded_agent(given: str | None) -> Iterator[str]:
-    """The agent (given, or a throwaway dev agent), its catalog holding 10,000 instances
-    of 1,000 other services on 100 other nodes."""
+def crowded_agent(given: str | None, others: int) -> Iterator[str]:
+    """The agent (given, or a throwaway dev agent), its catalog holding ``others``
+    other services of 10 instances each, on other nodes."""
     from discovery_consul.devagent import DevAgent, DevAgentError, populate  # noqa: PLC0415
 
     prefix = f"other-{uuid.uuid4().hex[:6]}"
     if given:
         address = given.removeprefix("http://")
-        populate(address, prefix, OTHER_SERVICES, OTHER_INSTANCES)
+        populate(address, prefix, others, OTHER_INSTANCES)
         yield address
         return
     try:
@@ -196,12 +196,15 @@ def run(argv: list[str] | None = None) -> list[Size]:
     parser.add_argument("--sizes", default="10,100,1000", help="comma-separated numbers of watched services")
     parser.add_argument("--count", type=int, default=100, help="changes measured per size")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of the idle window per size")
+    parser.add_argument(
+        "--others", type=int, default=OTHER_SERVICES, help="other services in the catalog (x10 instances)"
+    )
     parser.add_argument("--consul-address", help="host:port of an agent (default: a throwaway dev agent)")
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
     period = 3 / dc.Watcher.poll_rate
     results = []
-    with crowded_agent(args.consul_address) as address:
+    with crowded_agent(args.consul_address, args.others) as address:
         print(HEADER, flush=True)
         for size in sizes:
             results.append(measure(address, size, args.count, args.idle, period))
