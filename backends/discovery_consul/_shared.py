@@ -151,9 +151,9 @@ class SharedFeeds:
 
     # -- the detectors ------------------------------------------------------------------
 
-    def _watched(self) -> Watched:
+    def _watched(self, *, block: bool = True) -> Watched:
         with self._lock:
-            while not self._feeds and not self._stop.is_set():
+            while block and not self._feeds and not self._stop.is_set():
                 self._lock.wait()
             nodes = frozenset().union(*self._nodes.values()) if self._nodes else frozenset()
             # A service not read yet may hold anything.
@@ -191,6 +191,9 @@ class SharedFeeds:
                 outage, delay = False, _RETRY_BASE
             changed = set(services) if known is None else _changed(services, known, by_service)
             changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
+            # Services watched since this query was sent were read when added, but may
+            # have changed since, unseen by this query's filter: read them once more.
+            changed |= self._watched(block=False).services - services
             known, node_known = by_service, by_node
             index = 0 if returned < index else max(returned, 1)
             self._schedule(changed, at_once=True)

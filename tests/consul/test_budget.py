@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from discovery_consul.devagent import DevAgent, connections_to
@@ -165,3 +167,20 @@ def test_closing_returns_within_a_second_when_the_agent_does_not_answer(dev_agen
         backend.close()
         assert time.monotonic() - started < 1.0
         fleet.close()
+
+
+def test_a_change_to_a_service_watched_after_the_detectors_query_left_is_seen(consul_agent: Any) -> None:
+    # The detectors' blocking queries were sent when only the first watch existed: a
+    # change to a service watched later must still reach its watch.
+    prefix = f"late-{uuid.uuid4().hex[:6]}"
+    check = dc.TtlCheck(ttl=600, initial_status=dc.HealthStatus.PASSING)
+    with dc.connect(f"consul://{consul_agent.address}?max_connections=5") as backend:
+        first = backend.watch(f"{prefix}-first")
+        first.wait(timeout=10)
+        time.sleep(0.2)  # let the detectors send their blocking queries (the outcome does not depend on it)
+        with backend.watch(f"{prefix}-late") as late:
+            late.wait(timeout=10)
+            inst = dc.ServiceInstance(f"{prefix}-late", "127.0.0.1", 5001, check=check)
+            with backend.register(inst):
+                _until_all([late], lambda snap: inst.id in {i.id for i in snap.instances}, time.monotonic() + 10)
+        first.close()
