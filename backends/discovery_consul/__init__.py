@@ -46,6 +46,7 @@ from discovery_core import (
 __all__ = ["ConsulBackend"]
 
 log = logging.getLogger("discovery_consul")
+log.addHandler(logging.NullHandler())  # a library prints nothing by itself
 
 _DEFAULT_ADDRESS = "127.0.0.1:8500"
 _MAX_WAIT = 600.0  # Consul caps a blocking query's wait at 10 minutes

@@ -9,6 +9,7 @@ nothing of each other. Uses only discovery_core's public API.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from discovery_core import (
     TtlCheck,
 )
 from discovery_core.health import Prober
+
+logging.getLogger("discovery_memory").addHandler(logging.NullHandler())  # prints nothing by itself
 
 __all__ = ["MemoryBackend"]
 
