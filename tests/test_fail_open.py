@@ -54,7 +54,7 @@ class Registry:
 
     def critical(self) -> int:
         snapshot = self.backend.instances("add", passing_only=False)
-        return sum(snapshot.status(i) is dc.HealthStatus.CRITICAL for i in self.ids)
+        return sum(snapshot.health.get(i) is dc.HealthStatus.CRITICAL for i in self.ids)
 
     def close(self) -> None:
         self._stop.set()
