@@ -27,7 +27,7 @@ def test_methods_must_be_full_method_names(methods: object) -> None:
 
 def test_full_method_names_are_kept() -> None:
     names = {"/addservice.Adder/Add", "/a.b.c.Svc/Do_It2", "/Bare/Method"}
-    policy = dc.RetryPolicy(methods=names)
+    policy = dc.RetryPolicy(methods=frozenset(names))
     assert policy.methods == frozenset(names)
     assert policy.applies("/addservice.Adder/Add")
     assert not policy.applies("/addservice.Adder/Sub")
