@@ -4,6 +4,8 @@ One small API over swappable backends: ``connect()`` a backend, ``register()`` a
 instance, ``watch()`` a service. Importing this package imports no backend.
 """
 
+import logging
+
 from discovery_core.backend import Backend, available_backends, connect
 from discovery_core.client.retry import RetryPolicy
 from discovery_core.client.sync import DiscoveryChannel, discovery_channel
@@ -31,6 +33,10 @@ from discovery_core.model import (
 from discovery_core.registry import Presence, Registration, RegistrationStatus, Registry
 from discovery_core.server import Served, serve
 from discovery_core.watcher import Feed, Query, Stop, Watch, Watcher
+
+# A library prints nothing by itself: without a handler of its own, logging's "last
+# resort" would write our warnings to stderr of an application that set up no logging.
+logging.getLogger("discovery_core").addHandler(logging.NullHandler())
 
 __all__ = [
     "Backend",

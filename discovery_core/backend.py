@@ -13,6 +13,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import re
 import threading
 import urllib.parse
 from collections.abc import Collection
@@ -32,6 +33,7 @@ log = logging.getLogger("discovery_core")
 
 ENTRY_POINT_GROUP = "discovery_core.backends"
 DEFAULT_URL = "memory://"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
 _warned_default = False
 
 
@@ -149,7 +151,9 @@ def connect(target: str | None = None, /, **options: Any) -> Backend:
             target = DEFAULT_URL
     if not isinstance(target, str) or not target:
         raise InvalidConfig("target", target, "must be a backend name or URL")
+    name = target.split("://", 1)[0]
+    if not _NAME.match(name):
+        raise InvalidConfig("target", target, "is neither a backend name nor a URL of the form name://...")
     if "://" in target:
-        backend_class = _load(urllib.parse.urlsplit(target).scheme)
-        return backend_class.from_url(target, **options)
+        return _load(name.lower()).from_url(target, **options)
     return _load(target).create(**options)

@@ -7,6 +7,7 @@ object, a bad value) is kept apart from operational failure (the backend is down
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 __all__ = [
@@ -20,9 +21,27 @@ __all__ = [
 ]
 
 
+_USERINFO = re.compile(r"://[^/?#@\s]*@")
+_PARAM = re.compile(r"([?&;])([^=&;#\s]*)=([^&;#\s]*)")
+
+
 def _shorten(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def secret_option(name: str) -> bool:
+    """Whether an option (or URL parameter) of this name holds a credential; a
+    ``*_file`` option holds only the path to one."""
+    lowered = name.lower()
+    return any(word in lowered for word in ("token", "password", "secret")) and not lowered.endswith("_file")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials a URL may carry masked: its user info
+    (``scheme://user:secret@host``) and the values of secret query parameters."""
+    text = _USERINFO.sub("://***@", text)
+    return _PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if secret_option(m[2]) else m[0], text)
 
 
 class DiscoveryError(Exception):
@@ -73,8 +92,13 @@ class InvalidConfig(DiscoveryError, ValueError):
     """A backend option (from a URL or a keyword argument) is unknown or invalid."""
 
     def __init__(self, option: str, value: object, reason: str, *, backend: str | None = None) -> None:
+        # Never keep a credential: ``value`` is what may be shown (a secret option's
+        # value masked whole, a URL's user info and secret parameters masked).
+        if secret_option(option):
+            value = "***"
+        elif isinstance(value, str):
+            value = redact(value)
         self.option = option
         self.value = value
         where = f"{backend} backend: " if backend else ""
-        shown = "'***'" if "token" in option.lower() else _shorten(value)
-        super().__init__(f"{where}invalid option {option}={shown}: {reason}", backend=backend)
+        super().__init__(f"{where}invalid option {option}={_shorten(value)}: {reason}", backend=backend)

@@ -52,6 +52,7 @@ class _Tracked:
     unseen_since: float | None = None  # held but not visible to clients since (monotonic)
     warned: bool = False  # the "clients cannot see it" warning is out
     restored: bool = False  # added back; "registered again" waits until clients see it
+    replaced: bool = False  # another owner holds the id: warned once, left alone
 
 
 class Keepalive:
@@ -158,7 +159,7 @@ class Keepalive:
         instance_id = tracked.registration.instance.id
         assert tracked.ttl is not None  # only TTL registrations are scheduled
         try:
-            tracked.registration._while_live(lambda: self._registry.heartbeat(instance_id))
+            tracked.registration._while_live(lambda: self._registry._heartbeat(instance_id))
         except DiscoveryError as exc:
             tracked.beat_overdue = True
             self._failed(f"heartbeat of {instance_id!r}", exc, [tracked])
@@ -199,17 +200,28 @@ class Keepalive:
         another look soon (restored, or not yet visible within the grace period)."""
         registration = tracked.registration
         instance_id = registration.instance.id
+        if presence is not None and presence.replaced:
+            if not tracked.replaced:
+                log.warning(
+                    "%r was registered by another owner on %s: leaving it to them (closing ours will not remove it)",
+                    instance_id, _name(self._registry),
+                )  # fmt: skip
+                tracked.replaced = True
+            registration._note_verified(False)
+            registration._note_error("registered by another owner")
+            return False
+        tracked.replaced = False
         if presence is None or not presence.held:
-            if registration._while_live(lambda: self._registry.add(registration.instance)):
+            if registration._while_live(lambda: self._registry._add(registration.instance)):
                 if not tracked.restored:
                     log.warning("%r was missing from %s: adding it again", instance_id, _name(self._registry))
                 tracked.restored = True
                 if tracked.ttl is not None:
-                    registration._while_live(lambda: self._registry.heartbeat(instance_id))
+                    registration._while_live(lambda: self._registry._heartbeat(instance_id))
                     tracked.beat_overdue = False
             registration._note_verified(False)
             return True
-        if tracked.beat_overdue and registration._while_live(lambda: self._registry.heartbeat(instance_id)):
+        if tracked.beat_overdue and registration._while_live(lambda: self._registry._heartbeat(instance_id)):
             tracked.beat_overdue = False
         registration._note_verified(presence.visible)
         if presence.visible:

@@ -9,6 +9,7 @@ backend we ship), so an instance valid here is valid everywhere.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
 import re
@@ -304,8 +305,15 @@ class Snapshot:
     def __hash__(self) -> int:
         return hash((self.service, self.instances, self.index, self.stale, tuple(self.health.items())))
 
+    @functools.cached_property
+    def _ids(self) -> frozenset[str]:
+        return frozenset(inst.id for inst in self.instances)
+
     def status(self, instance_id: str) -> HealthStatus:
-        """The health of one instance of this snapshot."""
+        """The health of one instance of this snapshot; ``KeyError`` for an id it
+        does not hold (it says nothing of those: never "passing")."""
+        if instance_id not in self._ids:
+            raise KeyError(instance_id)
         return self.health.get(instance_id, HealthStatus.PASSING)
 
     def same_content(self, other: Snapshot | None) -> bool:

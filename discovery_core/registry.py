@@ -1,11 +1,15 @@
-"""Registering instances: the backend's primitives and the live Registration built on them.
+"""Registering instances: the backend's primitives and the Registration built on them.
 
-A backend implements four small primitives (write, remove, pass a TTL check, tell
-whether it still has an instance) and may answer for many instances at once
-(``registered``). ``Registration``, written once here, turns them into what a
-server wants: heartbeats for TTL checks, and restoring the instance when the
-backend lost its state (a restarted Consul agent), until it is closed. One
-keepalive loop per Registry does this for all of them (``discovery_core.keepalive``).
+A backend implements four small primitives: ``_add`` (write), ``deregister``
+(remove), ``_heartbeat`` (pass a TTL check) and ``_is_registered`` (whether it still
+holds an instance as written), and may answer for many instances at once
+(``registered``). The writing primitives are underscored, as fsspec's hooks are: a
+user registers through ``register()``, which returns a Registration that owns what
+it wrote. ``Registration``, written once here, turns them into what a server wants:
+heartbeats for TTL checks, restoring the instance when the backend lost its state
+(a restarted Consul agent), and removing only what is still its own, until it is
+closed. One keepalive loop per Registry does this for all of them
+(``discovery_core.keepalive``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from discovery_core.errors import ClosedError, DiscoveryError, InvalidInstance
+from discovery_core.errors import BackendUnavailable, ClosedError, DiscoveryError, InvalidInstance
 from discovery_core.keepalive import Keepalive
 from discovery_core.model import ServiceInstance, TtlCheck
 
@@ -33,26 +37,31 @@ log = logging.getLogger("discovery_core.registry")
 class Presence:
     """What a backend knows of one instance a live Registration keeps.
 
-    ``held``: the backend still has it (False: the keepalive adds it again).
-    ``visible``: clients can see it. A backend that holds an instance it cannot
-    publish (a Consul agent that cannot sync to its servers) answers
+    ``held``: the backend still has it as written (False: the keepalive adds it
+    again). ``visible``: clients can see it. A backend that holds an instance it
+    cannot publish (a Consul agent that cannot sync to its servers) answers
     ``Presence(held=True, visible=False, cause="...")``, the cause in words for the log.
+    ``replaced``: the backend holds *another* instance under this id (someone else
+    registered it): the keepalive warns once and leaves it alone instead of fighting.
     """
 
     held: bool
     visible: bool
     cause: str = ""
+    replaced: bool = False
 
     def __post_init__(self) -> None:
         if self.visible and not self.held:
             raise ValueError("an instance the backend does not hold cannot be visible")
+        if self.replaced and self.held:
+            raise ValueError("an instance held as written cannot be replaced")
 
 
 @dataclass(frozen=True)
 class RegistrationStatus:
     """A Registration's state, for introspection.
 
-    ``live``: kept alive now (False once closed, or registered with
+    ``live``: kept alive now (False once closed, or written once with
     ``keepalive=False``). ``last_verified``: ``time.time()`` of the backend's last
     answer about it (None before the first). ``catalog_visible``: whether clients
     could see it then. ``last_error``: the last keepalive failure, cleared by the
@@ -85,59 +94,125 @@ class Registry(abc.ABC):
     sync_grace: float = 5.0
     close_deregister_timeout: float = 0.8
     _closed = False
+    _closing = False  # set (under _live_lock) once closing took the live registrations
 
     def __init__(self) -> None:
         self._live: dict[str, Registration] = {}
         self._live_lock = threading.Lock()
         self._keepalive = Keepalive(self)
+        self._unchecked_noted: set[str] = set()  # services told "never expires" (once each)
+
+    # -- the backend's primitives (hooks for backend authors, not for users) ----------
 
     @abc.abstractmethod
-    def add(self, instance: ServiceInstance) -> None:
-        """Write the instance, replacing any with the same id. No heartbeats, no
-        restoring: ``register()`` is the call for servers."""
+    def _add(self, instance: ServiceInstance) -> None:
+        """Write the instance, replacing any with the same id. Only ``register()``
+        and the keepalive call it: what it writes has an owner."""
 
     @abc.abstractmethod
     def deregister(self, instance_id: str) -> None:
-        """Remove the instance; an unknown id is not an error."""
+        """Remove the instance, whoever wrote it; an unknown id is not an error."""
 
     @abc.abstractmethod
-    def heartbeat(self, instance_id: str) -> None:
+    def _heartbeat(self, instance_id: str) -> None:
         """Pass the instance's TTL check now."""
 
     @abc.abstractmethod
-    def is_registered(self, instance: ServiceInstance) -> bool:
-        """Whether the backend still holds this instance (whatever its health)."""
+    def _is_registered(self, instance: ServiceInstance) -> bool:
+        """Whether the backend still holds this instance as written (whatever its
+        health): False when the id is gone or holds another instance."""
 
     def registered(self, instances: Sequence[ServiceInstance]) -> Mapping[str, Presence]:
         """What the backend knows of each instance, by id: one call for a whole sweep.
 
-        The default asks ``is_registered`` once per instance and takes what the
+        The default asks ``_is_registered`` once per instance and takes what the
         backend holds as visible. A backend that can answer for many instances in
-        one request, or tell held from visible, overrides it.
+        one request, tell held from visible, or tell an id replaced by another
+        owner (``Presence.replaced``) overrides it.
         """
         answer: dict[str, Presence] = {}
         for instance in instances:
-            held = self.is_registered(instance)
+            held = self._is_registered(instance)
             answer[instance.id] = Presence(held=held, visible=held)
         return answer
+
+    # -- what users call --------------------------------------------------------------
 
     def register(self, instance: ServiceInstance, *, keepalive: bool = True) -> Registration:
         """Register ``instance`` and keep it registered until the Registration closes.
 
         ``keepalive=False`` writes it once and leaves it to its checks: no
-        heartbeats, no restoring (that is how a process that died looks).
+        heartbeats, no restoring (that is how a process that died looks); closing
+        the backend leaves it too, only the Registration's own ``deregister()``
+        removes it. Without a check an instance never expires: it stays until
+        deregistered (logged once per service at INFO).
         """
         self._check_open()
         if not isinstance(instance, ServiceInstance):
             raise InvalidInstance("instance", instance, "must be a ServiceInstance")
-        self.add(instance)
+        if instance.check is None:
+            self._note_unchecked(instance)
+        try:
+            self._add(instance)
+        except BackendUnavailable as exc:
+            self._undo_add(instance, exc)
+            raise
         registration = Registration(self, instance, keepalive=keepalive)
         with self._live_lock:
+            closing = self._closing
             previous = self._live.pop(instance.id, None)
-            self._live[instance.id] = registration
+            if keepalive and not closing:
+                self._live[instance.id] = registration
+        if closing:  # the write ended after close() took the live ones: nobody would remove it
+            registration._stop_keepalive()
+            try:
+                self._deregister_own(instance)
+            except DiscoveryError as exc:
+                log.warning("could not remove %r, registered while closing: %s", instance.id, exc)
+            raise ClosedError(f"{type(self).__name__} closed while registering {instance.id!r}")
         if previous is not None:
             previous._supersede()
         return registration
+
+    def _note_unchecked(self, instance: ServiceInstance) -> None:
+        with self._live_lock:
+            if instance.name in self._unchecked_noted:
+                return
+            self._unchecked_noted.add(instance.name)
+        log.info(
+            "instances of %r registered without a check never expire: one whose process dies without "
+            "deregistering stays listed until deregistered (give a check with deregister_after)",
+            instance.name,
+        )
+
+    def _undo_add(self, instance: ServiceInstance, exc: BackendUnavailable) -> None:
+        """A write that failed in transport may still have reached the backend (the
+        answer was lost): remove what it wrote, if it holds exactly that and no live
+        Registration of ours wrote the same before. Best effort."""
+        with self._live_lock:
+            ours = self._live.get(instance.id)
+        if ours is not None and ours.instance == instance:
+            return
+        try:
+            written = self._is_registered(instance)
+            if written:
+                self.deregister(instance.id)
+        except DiscoveryError as cleanup:
+            log.warning(
+                "registering %r failed (%s); it may have been written and could not be checked (%s)",
+                instance.id, exc, cleanup,
+            )  # fmt: skip
+            return
+        if written:
+            log.warning("registering %r failed (%s) after it was written: removed it again", instance.id, exc)
+
+    def _deregister_own(self, instance: ServiceInstance) -> None:
+        """Deregister ``instance`` only if the backend still holds it as we wrote it:
+        another owner's instance under the same id is not ours to remove."""
+        if self._is_registered(instance):
+            self.deregister(instance.id)
+        else:
+            log.info("%r is no longer ours (gone, or registered by another owner): left as it is", instance.id)
 
     def _forget(self, registration: Registration) -> None:
         with self._live_lock:
@@ -149,6 +224,7 @@ class Registry(abc.ABC):
         Registration; give up once the backend has confirmed none for
         ``close_deregister_timeout`` (a backend that answers gets them all)."""
         with self._live_lock:
+            self._closing = True
             live, self._live = list(self._live.values()), {}
         self._keepalive.close(timeout=self.close_deregister_timeout / 2)
         if not live:
@@ -188,6 +264,8 @@ class Registration:
     A context manager. For a ``TtlCheck`` it passes the check at once and then every
     third of the TTL; the Registry's keepalive verifies it with the others and
     registers it again if the backend lost it. ``status()`` says how that goes.
+    Registered with ``keepalive=False`` it is *write-once*: nothing keeps it, closing
+    the backend leaves it to its checks, and only ``deregister()`` removes it.
     """
 
     def __init__(self, registry: Registry, instance: ServiceInstance, *, keepalive: bool) -> None:
@@ -200,7 +278,7 @@ class Registration:
         self._status = RegistrationStatus(instance.id, instance.name, live=keepalive)
         if keepalive:
             if isinstance(instance.check, TtlCheck):
-                registry.heartbeat(instance.id)
+                registry._heartbeat(instance.id)
             registry._keepalive.track(self)
 
     @property
@@ -216,7 +294,7 @@ class Registration:
         """Pass the TTL check now (a live Registration also does it by itself)."""
         if self._closed:
             raise ClosedError(f"the registration of {self.instance.id!r} is closed", service=self.instance.name)
-        self._registry.heartbeat(self.instance.id)
+        self._registry._heartbeat(self.instance.id)
 
     def _while_live(self, write: Callable[[], None]) -> bool:
         """Run the keepalive's ``write`` unless closed; closing waits for one in flight,
@@ -252,11 +330,12 @@ class Registration:
         self._stop_keepalive()
 
     def deregister(self) -> None:
-        """Stop the keepalive and remove the instance. Idempotent."""
+        """Stop the keepalive and remove the instance, if the backend still holds it
+        as written (another owner may have registered its id since). Idempotent."""
         if not self._stop_keepalive():
             return
         self._registry._forget(self)
-        self._registry.deregister(self.instance.id)
+        self._registry._deregister_own(self.instance)
 
     close = deregister
 
@@ -269,5 +348,5 @@ class Registration:
         self.deregister()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "live"
+        state = "closed" if self._closed else "live" if self._live else "write-once"
         return f"<Registration {self.instance.id!r} {state}>"

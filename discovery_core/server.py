@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType, TracebackType
@@ -33,6 +34,12 @@ log = logging.getLogger("discovery_core.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# The default check's deregister_after: a server killed without leaving (kill -9, a
+# lost host) is removed this long after its check turned critical. Consul's minimum is
+# a minute and its reaper runs every 30 s: such an instance leaves within 60-90 s.
+DEFAULT_DEREGISTER_AFTER = 60.0
+# Servers serve() started: a grpc.Server can be served (started) once.
+_served: weakref.WeakSet[grpc.Server] = weakref.WeakSet()
 # Only used to pick the interface a default route leaves by; a UDP connect sends nothing.
 _ROUTE_PROBE = ("10.254.254.254", 1)
 
@@ -106,7 +113,9 @@ def _plan(
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise InvalidConfig(name, value, "must be a number of seconds >= 0")
     if check is True:
-        check = GrpcCheck(service=service, initial_status=HealthStatus.PASSING)
+        check = GrpcCheck(
+            service=service, initial_status=HealthStatus.PASSING, deregister_after=DEFAULT_DEREGISTER_AFTER
+        )
     bind = f"{host}:{port}"
     plan = _Plan(
         service,
@@ -258,7 +267,9 @@ def serve(
     Adds a grpc.health.v1 service unless ``health_servicer`` is given (pass yours if
     the server already has one), marks ``""`` and ``service`` SERVING once the port is
     bound, then registers with ``check`` (default: a gRPC check of ``service`` that
-    starts passing, since the server already answers). ``advertise`` is the address
+    starts passing, since the server already answers, and removes the instance
+    ``DEFAULT_DEREGISTER_AFTER`` = 60 s after it turned critical: a server killed
+    without leaving does not stay listed forever). ``advertise`` is the address
     registered (default: the first non-loopback IPv4); ``port=0`` registers the
     ephemeral port bound. ``bind(server, address) -> port`` replaces
     ``add_insecure_port`` (e.g. for TLS). Signal handlers are installed only from the
@@ -277,6 +288,8 @@ def serve(
         drain=drain,
         grace=grace,
     )
+    if server in _served:
+        raise InvalidConfig("server", server, "is already served: serve() starts a server once; make one per instance")
     owns_health = health_servicer is None
     if health_servicer is None:
         if _has_health_service(server):
@@ -290,6 +303,7 @@ def serve(
     except RuntimeError as exc:  # grpcio's way of saying the address is taken
         raise InvalidConfig("port", port, f"cannot bind {plan.bind}: {exc}") from exc
     server.start()
+    _served.add(server)
     served = Served(server, plan, bound, health_servicer, owns_health=owns_health)
     served.set_serving(True)
     try:

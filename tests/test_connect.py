@@ -3,6 +3,7 @@
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,60 @@ def test_a_backend_missing_its_dependency_says_which_extra_to_install() -> None:
         "except dc.BackendNotFound as e:\n    print(e)\n"
     )
     assert "pip install 'discovery-core[consul]'" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "consul://user:s3cr3t-token@127.0.0.1:8500",
+        "consul://s3cr3t-token@127.0.0.1:8500",
+        "consul://127.0.0.1:8500/x?token=s3cr3t-token",
+        "memory://user:s3cr3t-token@somehost",
+    ],
+)
+def test_a_credential_in_a_url_is_never_shown(target: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(dc.InvalidConfig) as raised:
+        dc.connect(target)
+    shown = [str(raised.value), repr(raised.value), repr(raised.value.value), caplog.text]
+    assert not [text for text in shown if "s3cr3t-token" in text]
+    assert raised.value.option == "url"
+
+
+@pytest.mark.parametrize("target", ["consul:/x", "consul:", "consul:127.0.0.1:8500", "memory//"])
+def test_a_malformed_url_is_called_malformed_not_a_missing_backend(target: str) -> None:
+    with pytest.raises(dc.InvalidConfig) as raised:
+        dc.connect(target)
+    assert raised.value.option == "target"
+    assert "name://" in str(raised.value)
+
+
+def test_a_missing_token_file_shows_its_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-token"
+    with pytest.raises(dc.InvalidConfig) as raised:
+        dc.connect("consul", address="127.0.0.1:1", token_file=str(missing))
+    assert str(missing) in str(raised.value)
+    with pytest.raises(dc.InvalidConfig) as raised:
+        dc.connect("consul", address="127.0.0.1:1", token="")
+    assert "'***'" in str(raised.value)
+
+
+@pytest.mark.parametrize("package", ["discovery_core", "discovery_consul", "discovery_memory"])
+def test_the_package_loggers_print_nothing_by_themselves(package: str) -> None:
+    """A library adds a NullHandler: without one, logging's last resort writes its
+    warnings to stderr of an application that configured no logging."""
+    result = run_python(
+        f"import logging, {package}\n"
+        f"logging.getLogger({package!r}).warning('a warning')\n"
+        f"logging.getLogger({package + '.sub'!r}).error('an error')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_the_unset_discovery_url_warning_reaches_no_stderr() -> None:
+    result = run_python(
+        "import os; os.environ.pop('DISCOVERY_URL', None)\nimport discovery_core as dc\ndc.connect().close()"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

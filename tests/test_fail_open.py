@@ -34,6 +34,7 @@ class Registry:
         self.beating.set()
         self._stop = threading.Event()
         self.ids: list[str] = []
+        self.registrations: list[dc.Registration] = []
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def start(self, count: int) -> Registry:
@@ -41,7 +42,7 @@ class Registry:
             served = self.fleet.start().served.instance
             check = dc.TtlCheck(ttl=TTL, initial_status=dc.HealthStatus.PASSING)
             inst = dc.ServiceInstance(served.name, served.address, served.port, id=served.id, check=check)
-            self.backend.register(inst, keepalive=False)
+            self.registrations.append(self.backend.register(inst, keepalive=False))
             self.ids.append(inst.id)
         self._thread.start()
         return self
@@ -49,12 +50,12 @@ class Registry:
     def _beat(self) -> None:
         while not self._stop.wait(TTL / 4):
             if self.beating.is_set():
-                for instance_id in self.ids:
-                    self.backend.heartbeat(instance_id)
+                for registration in self.registrations:
+                    registration.heartbeat()
 
     def critical(self) -> int:
         snapshot = self.backend.instances("add", passing_only=False)
-        return sum(snapshot.status(i) is dc.HealthStatus.CRITICAL for i in self.ids)
+        return sum(snapshot.health.get(i) is dc.HealthStatus.CRITICAL for i in self.ids)
 
     def close(self) -> None:
         self._stop.set()

@@ -25,7 +25,7 @@ class Observed(MemoryBackend):
         self.down = False
         self.beats: dict[str, int] = {}
         self.sweeps: list[int] = []  # how many instances each sweep asked about
-        self.lookups = 0  # per-instance is_registered calls
+        self.lookups = 0  # per-instance _is_registered calls
         self.refused = 0  # calls made while down
 
     def _answer(self) -> None:
@@ -33,9 +33,9 @@ class Observed(MemoryBackend):
             self.refused += 1
             raise dc.BackendUnavailable("connection refused", backend=self.name)
 
-    def heartbeat(self, instance_id: str) -> None:
+    def _heartbeat(self, instance_id: str) -> None:
         self._answer()
-        super().heartbeat(instance_id)
+        super()._heartbeat(instance_id)
         self.beats[instance_id] = self.beats.get(instance_id, 0) + 1
 
     def registered(self, instances: Sequence[dc.ServiceInstance]) -> Mapping[str, dc.Presence]:
@@ -43,13 +43,13 @@ class Observed(MemoryBackend):
         self.sweeps.append(len(instances))
         return super().registered(instances)
 
-    def is_registered(self, instance: dc.ServiceInstance) -> bool:
+    def _is_registered(self, instance: dc.ServiceInstance) -> bool:
         self.lookups += 1
-        return super().is_registered(instance)
+        return super()._is_registered(instance)
 
-    def add(self, instance: dc.ServiceInstance) -> None:
+    def _add(self, instance: dc.ServiceInstance) -> None:
         self._answer()
-        super().add(instance)
+        super()._add(instance)
 
     def poll(self, query: dc.Query, index: int, stop: dc.Stop) -> dc.Snapshot:
         self._answer()
@@ -126,7 +126,7 @@ def test_one_sweep_asks_about_every_registration_through_the_default(backend: Ob
     until(lambda: len([n for n in backend.sweeps if n == 50]) >= 3, 10, "three sweeps of all 50")
     lookups = backend.lookups
     sweeps = list(backend.sweeps)
-    # The default registered() asks is_registered once per instance per sweep (one
+    # The default registered() asks _is_registered once per instance per sweep (one
     # sweep may be under way while they are read).
     assert sum(sweeps) - 50 <= lookups <= sum(sweeps)
     status = registrations[0].status()
@@ -145,7 +145,7 @@ def test_a_lost_instance_comes_back_at_the_next_sweep(backend: Observed, caplog:
         assert backend.instances("svc").instances == (inst,)  # passing: heartbeat sent with the restore
         assert registration.status().catalog_visible is True
     assert "was missing from memory: adding it again" in caplog.text
-    assert not backend.is_registered(inst)  # closing still deregisters
+    assert not backend._is_registered(inst)  # closing still deregisters
 
 
 @pytest.mark.tune(keepalive_interval=3600, keepalive_retry_cap=0.2)  # only the fast path can restore in time
@@ -159,7 +159,7 @@ def test_after_an_outage_it_retries_fast_and_restores_without_waiting_the_interv
         until(lambda: registration.status().last_error is not None, 5, "a failed heartbeat noted")
         until(lambda: backend.refused >= 4, 5, "retries on the fast cadence")
         backend.down = False
-        until(lambda: backend.is_registered(inst), 5, "restored by a fast retry")
+        until(lambda: backend._is_registered(inst), 5, "restored by a fast retry")
         until(lambda: registration.status().last_error is None, 5, "the error cleared")
     assert caplog.text.count("retrying") == 1  # one warning per outage
     assert "works again" in caplog.text
@@ -173,11 +173,11 @@ def test_a_watch_that_sees_the_backend_again_sweeps_at_once(backend: Observed) -
         until(lambda: registration.status().last_verified is not None, 5, "the first sweep")
         until(lambda: watch.current is not None, 5, "the watch's first snapshot")
         backend.down = True
-        MemoryBackend.add(backend, dc.ServiceInstance("other", "127.0.0.1", 2))  # ends the blocking poll
+        MemoryBackend._add(backend, dc.ServiceInstance("other", "127.0.0.1", 2))  # ends the blocking poll
         until(lambda: watch.current is not None and watch.current.stale, 5, "the watch sees the outage")
         backend.lose(inst.id)
         backend.down = False
-        until(lambda: backend.is_registered(inst), 5, "restored when the watch recovered")
+        until(lambda: backend._is_registered(inst), 5, "restored when the watch recovered")
 
 
 @pytest.mark.tune(keepalive_interval=3600)
@@ -187,7 +187,7 @@ def test_a_watch_that_sees_one_of_ours_leave_sweeps_at_once(backend: Observed) -
         until(lambda: registration.status().last_verified is not None, 5, "the first sweep")
         until(lambda: watch.current is not None and len(watch.current.instances) == 1, 5, "registered")
         backend.lose(inst.id)
-        until(lambda: backend.is_registered(inst), 5, "restored")
+        until(lambda: backend._is_registered(inst), 5, "restored")
 
 
 class Unpublished(MemoryBackend):

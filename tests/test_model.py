@@ -87,3 +87,13 @@ def test_checks_validate_and_coerce_initial_status() -> None:
 def test_invalid_config_never_shows_a_token() -> None:
     error = dc.InvalidConfig("token", "s3cr3t-token", "bad", backend="consul")
     assert "s3cr3t" not in str(error)
+
+
+def test_status_of_an_id_the_snapshot_does_not_hold_is_a_key_error() -> None:
+    up = dc.ServiceInstance("add", "127.0.0.1", 5001)
+    down = dc.ServiceInstance("add", "127.0.0.1", 5002)
+    snapshot = dc.Snapshot("add", (up, down), health={down.id: dc.HealthStatus.CRITICAL})
+    assert snapshot.status(up.id) is dc.HealthStatus.PASSING  # not named in health: passing
+    assert snapshot.status(down.id) is dc.HealthStatus.CRITICAL
+    with pytest.raises(KeyError):
+        snapshot.status("no-such-id")

@@ -173,17 +173,17 @@ class Unreachable(dc.Registry):
         super().__init__()
         self.backend = backend
 
-    def add(self, instance: dc.ServiceInstance) -> None:
-        self.backend.add(instance)
+    def _add(self, instance: dc.ServiceInstance) -> None:
+        self.backend._add(instance)
 
     def deregister(self, instance_id: str) -> None:
         raise dc.BackendUnavailable("connection refused", backend="test")
 
-    def heartbeat(self, instance_id: str) -> None:
-        self.backend.heartbeat(instance_id)
+    def _heartbeat(self, instance_id: str) -> None:
+        self.backend._heartbeat(instance_id)
 
-    def is_registered(self, instance: dc.ServiceInstance) -> bool:
-        return self.backend.is_registered(instance)
+    def _is_registered(self, instance: dc.ServiceInstance) -> bool:
+        return self.backend._is_registered(instance)
 
 
 def test_stop_still_stops_the_server_when_deregistering_fails(
@@ -202,3 +202,28 @@ def health_of_stopped(target: str) -> bool:
     except grpc.RpcError as error:
         return isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.UNAVAILABLE
     return False
+
+
+def test_serving_one_server_twice_says_so(backend: dc.Backend, executor: futures.ThreadPoolExecutor) -> None:
+    server = make_server(Adder(), executor)
+    with dc.serve(server, backend, "add", advertise="127.0.0.1", handle_signals=False, drain=0):
+        with pytest.raises(dc.InvalidConfig) as raised:
+            dc.serve(server, backend, "add", advertise="127.0.0.1", handle_signals=False, drain=0)
+        assert raised.value.option == "server"
+        assert "already" in str(raised.value)
+        assert "health_servicer" not in str(raised.value)
+        assert len(backend.instances("add").instances) == 1
+
+
+def test_the_default_check_reaps_an_instance_whose_process_died(
+    backend: dc.Backend, executor: futures.ThreadPoolExecutor
+) -> None:
+    """A kill -9 leaves no one to deregister: the default check's deregister_after
+    removes the instance once it has been critical that long."""
+    with dc.serve(
+        make_server(Adder(), executor), backend, "add", advertise="127.0.0.1", handle_signals=False
+    ) as served:
+        check = served.instance.check
+        assert isinstance(check, dc.GrpcCheck)
+        assert check.deregister_after is not None
+        assert 60 <= check.deregister_after <= 120  # Consul's minimum is a minute; it reaps every 30 s

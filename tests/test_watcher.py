@@ -44,16 +44,16 @@ class ScriptedBackend(dc.Backend):
             raise outcome
         return outcome
 
-    def add(self, instance: dc.ServiceInstance) -> None:
+    def _add(self, instance: dc.ServiceInstance) -> None:
         raise NotImplementedError
 
     def deregister(self, instance_id: str) -> None:
         raise NotImplementedError
 
-    def heartbeat(self, instance_id: str) -> None:
+    def _heartbeat(self, instance_id: str) -> None:
         raise NotImplementedError
 
-    def is_registered(self, instance: dc.ServiceInstance) -> bool:
+    def _is_registered(self, instance: dc.ServiceInstance) -> bool:
         raise NotImplementedError
 
 

@@ -46,6 +46,7 @@ from discovery_core import (
 __all__ = ["ConsulBackend"]
 
 log = logging.getLogger("discovery_consul")
+log.addHandler(logging.NullHandler())  # a library prints nothing by itself
 
 _DEFAULT_ADDRESS = "127.0.0.1:8500"
 _MAX_WAIT = 600.0  # Consul caps a blocking query's wait at 10 minutes
@@ -197,7 +198,7 @@ class ConsulBackend(Backend):
 
     # -- Registry ---------------------------------------------------------------------
 
-    def add(self, instance: ServiceInstance) -> None:
+    def _add(self, instance: ServiceInstance) -> None:
         self._check_open()
         payload: dict[str, Any] = {
             "ID": instance.id,
@@ -216,13 +217,13 @@ class ConsulBackend(Backend):
         # Unknown ids are fine: Consul 1.8 answers 200 for them.
         self._client.deregister(instance_id)
 
-    def heartbeat(self, instance_id: str) -> None:
+    def _heartbeat(self, instance_id: str) -> None:
         self._check_open()
         self._client.pass_ttl(f"service:{instance_id}")
 
-    def is_registered(self, instance: ServiceInstance) -> bool:
+    def _is_registered(self, instance: ServiceInstance) -> bool:
         self._check_open()
-        return self._client.has_service(instance.id)
+        return _as_written(self._client.agent_service(instance.id), instance)
 
     def registered(self, instances: Sequence[ServiceInstance]) -> dict[str, Presence]:
         """The local agent's services in one read, then the catalog per service name,
@@ -230,8 +231,9 @@ class ConsulBackend(Backend):
         never got (it cannot sync: a restarted agent whose node name the catalog
         still reserves for its old node id)."""
         self._check_open()
-        held = self._client.agent_services()
-        if self._node is None or any(instance.id not in held for instance in instances):
+        services = self._client.agent_services()
+        held = {instance.id for instance in instances if _as_written(services.get(instance.id), instance)}
+        if self._node is None or any(instance.id not in services for instance in instances):
             self._node = self._client.agent_node()  # a lost instance: maybe a new agent
         _, node_id = self._node
         visible: set[str] = set()
@@ -240,7 +242,9 @@ class ConsulBackend(Backend):
             visible.update(str(entry.get("ServiceID")) for entry in entries if entry.get("ID") == node_id)
         answer: dict[str, Presence] = {}
         for instance in instances:
-            if instance.id not in held:
+            if instance.id in services and instance.id not in held:
+                answer[instance.id] = Presence(held=False, visible=False, replaced=True)
+            elif instance.id not in held:
                 answer[instance.id] = Presence(held=False, visible=False)
             elif instance.id in visible:
                 answer[instance.id] = Presence(held=True, visible=True)
@@ -483,6 +487,22 @@ def _instance(entry: Mapping[str, Any]) -> ServiceInstance | None:
     except (InvalidInstance, TypeError) as exc:
         log.warning("skipping Consul service %r: %s", service.get("ID"), exc)
         return None
+
+
+def _as_written(service: Mapping[str, Any] | None, instance: ServiceInstance) -> bool:
+    """Whether the agent's service (``/v1/agent/service(s)``) is ``instance`` as we
+    wrote it, not another owner's instance under the same id."""
+    if service is None:
+        return False
+    weights = service.get("Weights") or {}
+    return (
+        service.get("Service") == instance.name
+        and service.get("Address") == instance.address
+        and service.get("Port") == instance.port
+        and tuple(service.get("Tags") or ()) == instance.tags
+        and dict(service.get("Meta") or {}) == dict(instance.meta)
+        and weights.get("Passing", 1) == instance.weight
+    )
 
 
 def _worst(checks: list[Mapping[str, Any]]) -> HealthStatus:

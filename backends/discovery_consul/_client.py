@@ -270,12 +270,14 @@ class ConsulClient:
             )
         )
 
-    def has_service(self, service_id: str) -> bool:
-        """Whether the local agent holds the service (a 404 says it does not)."""
+    def agent_service(self, service_id: str) -> dict[str, Any] | None:
+        """The local agent's service of this id, None if it holds none (a 404)."""
         found = self._call(
             lambda: self._http.get(consul.callback.CB.json(), f"/v1/agent/service/{service_id}", headers=self._headers)
         )
-        return found is not None
+        if found is not None and not isinstance(found, dict):
+            raise DiscoveryError(f"Consul at {self._settings.base_url} answered a non-object for {service_id!r}")
+        return found
 
     # -- what a keepalive sweep reads (one of each, plus a catalog read per service) ---
 

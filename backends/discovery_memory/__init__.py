@@ -9,6 +9,7 @@ nothing of each other. Uses only discovery_core's public API.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from discovery_core import (
     TtlCheck,
 )
 from discovery_core.health import Prober
+
+logging.getLogger("discovery_memory").addHandler(logging.NullHandler())  # prints nothing by itself
 
 __all__ = ["MemoryBackend"]
 
@@ -59,7 +62,7 @@ class MemoryBackend(Backend):
 
     # -- Registry ---------------------------------------------------------------------
 
-    def add(self, instance: ServiceInstance) -> None:
+    def _add(self, instance: ServiceInstance) -> None:
         self._check_open()
         check = instance.check
         status = check.initial_status if check is not None else HealthStatus.PASSING
@@ -88,7 +91,7 @@ class MemoryBackend(Backend):
         if entry is not None and entry.prober is not None:
             entry.prober.stop()
 
-    def heartbeat(self, instance_id: str) -> None:
+    def _heartbeat(self, instance_id: str) -> None:
         self._check_open()
         with self._cond:
             entry = self._entries.get(instance_id)
@@ -97,10 +100,11 @@ class MemoryBackend(Backend):
             entry.ttl_deadline = time.monotonic() + entry.instance.check.ttl
             self._set_status(entry, HealthStatus.PASSING)
 
-    def is_registered(self, instance: ServiceInstance) -> bool:
+    def _is_registered(self, instance: ServiceInstance) -> bool:
         self._check_open()
         with self._cond:
-            return instance.id in self._entries
+            entry = self._entries.get(instance.id)
+            return entry is not None and entry.instance == instance
 
     # -- Watcher ----------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ shared by the sync and aio channels, which only do the I/O.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,9 @@ __all__ = ["Attempts", "RetryPolicy", "never_sent"]
 _NEVER_SENT = ("failed to connect", "connections to all backends failing", "connection refused", "dns resolution")
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _MAX_TRANSPARENT = 5  # attempts for calls that never reached a server
+# A full method name as grpc sends it: /package.Service/Method (a proto without a
+# package gives /Service/Method).
+_METHOD = re.compile(r"/(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*/[A-Za-z_]\w*\Z")
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,23 @@ class RetryPolicy:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise InvalidConfig("retry.max_attempts", self.max_attempts, "must be an int >= 1")
         if self.methods is not None:
-            object.__setattr__(self, "methods", frozenset(self.methods))
+            object.__setattr__(self, "methods", _method_names(self.methods))
         object.__setattr__(self, "codes", frozenset(self.codes))
 
     def applies(self, method: str) -> bool:
         return self.methods is None or method in self.methods
+
+
+def _method_names(methods: Iterable[str]) -> frozenset[str]:
+    """The names, each shaped ``/package.Service/Method``; a str (a set of characters
+    once iterated) or a bare method name would silently never match."""
+    if isinstance(methods, str | bytes) or not isinstance(methods, Iterable):
+        raise InvalidConfig("retry.methods", methods, "must be a collection of names such as {'/pkg.Service/Method'}")
+    names = frozenset(methods)
+    for name in names:
+        if not isinstance(name, str) or not _METHOD.match(name):
+            raise InvalidConfig("retry.methods", name, "is not a full method name such as '/pkg.Service/Method'")
+    return names
 
 
 def never_sent(code: grpc.StatusCode, details: str | None) -> bool:

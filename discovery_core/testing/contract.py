@@ -207,8 +207,8 @@ class BackendContract:
         other = ServiceInstance(service, "127.0.0.1", 5002, check=TtlCheck(ttl=timing.ttl * 10))
         with backend.register(inst), backend.watch(service) as watch:
             _until(watch, lambda s: _ids(s) == {inst.id}, timing.settle)
-            backend.add(inst)  # same content again
-            backend.add(other)  # starts critical: not in the passing set
+            backend._add(inst)  # same content again
+            backend._add(other)  # starts critical: not in the passing set
             backend.deregister(other.id)
             with pytest.raises(TimeoutError):
                 watch.wait(timeout=min(timing.settle, 2.0))
@@ -411,6 +411,49 @@ class BackendContract:
         other.close()
         assert registration.closed
         if shared_store:
+            assert backend.instances(service, passing_only=False).instances == ()
+
+    def test_close_leaves_write_once_registrations_to_their_checks(
+        self,
+        make_backend: Callable[[], Backend],
+        backend: Backend,
+        service: str,
+        shared_store: bool,
+        timing: ContractTiming,
+    ) -> None:
+        check = TtlCheck(ttl=timing.ttl, deregister_after=timing.deregister_after)
+        inst = ServiceInstance(service, "127.0.0.1", 5001, check=check)
+        other = make_backend()
+        registration = other.register(inst, keepalive=False)
+        assert "write-once" in repr(registration)
+        assert not registration.status().live
+        other.close()
+        assert not registration.closed  # what nothing keeps, closing the backend does not remove
+        if shared_store:
+            try:
+                assert _ids(backend.instances(service, passing_only=False)) == {inst.id}
+            finally:
+                backend.deregister(inst.id)
+
+    def test_closing_a_registration_leaves_what_another_owner_registered_since(
+        self, make_backend: Callable[[], Backend], backend: Backend, service: str, shared_store: bool
+    ) -> None:
+        ours = ServiceInstance(service, "127.0.0.1", 5001, id=f"{service}-1")
+        theirs = ServiceInstance(service, "127.0.0.1", 5002, id=f"{service}-1")
+        registration = backend.register(ours, keepalive=False)
+        owner = make_backend() if shared_store else None
+        try:
+            if owner is not None:
+                owner.register(theirs)  # another process registers the same id
+            else:
+                backend._add(theirs)  # as another owner's register() would write it
+            registration.close()
+            (only,) = backend.instances(service).instances
+            assert only.port == theirs.port
+        finally:
+            if owner is not None:
+                owner.close()
+        if owner is not None:
             assert backend.instances(service, passing_only=False).instances == ()
 
     # -- validation -------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Real Consul agents for the Consul backend's tests (never a mock).
 
-The session agent comes from, in this order: an address in
-``DISCOVERY_TEST_CONSUL_ADDR``; Docker through pytest-docker
-(``tests/docker-compose.yml``) when a Docker engine answers; a ``consul`` binary on
-PATH started as ``agent -dev`` on free ports. With ``CI`` set and none of these, the
-run fails instead of skipping. Agents with ACLs or HTTPS are started from the binary.
+The session agent comes from the way ``discovery_consul.devselect.choose()`` picks:
+``DISCOVERY_TEST_CONSUL=docker|binary|HOST:PORT`` explicitly; unset, an address in
+``DISCOVERY_TEST_CONSUL_ADDR``, else Docker through pytest-docker
+(``tests/docker-compose.yml``) when a Docker engine *and* compose v2 answer, else a
+``consul`` binary on PATH started as ``agent -dev`` on free ports. A way that cannot
+be had skips the Consul tests saying why; with ``CI`` set it fails the run. Agents
+with ACLs or HTTPS are started from the binary.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -22,13 +23,13 @@ from typing import Any, Protocol
 
 import pytest
 import trustme
+from discovery_consul import devselect
 from discovery_consul.devagent import DevAgent, DevAgentError
 
-ADDRESS_VARIABLE = "DISCOVERY_TEST_CONSUL_ADDR"
 HOW_TO_GET_CONSUL = (
     "These tests need a real Consul agent. Either set "
-    f"{ADDRESS_VARIABLE}=host:port to an agent you run, start a Docker engine "
-    "(tests/docker-compose.yml runs hashicorp/consul), or put a `consul` binary on PATH: "
+    f"{devselect.VARIABLE}=host:port to an agent you run, {devselect.VARIABLE}=docker with a Docker "
+    "engine and compose v2 (tests/docker-compose.yml runs hashicorp/consul), or put a `consul` binary on PATH: "
     "https://developer.hashicorp.com/consul/install (release zip or HashiCorp's apt/yum "
     "repository), or Debian 11's `consul` package."
 )
@@ -57,15 +58,6 @@ def unavailable(message: str) -> None:
     pytest.skip(message)
 
 
-def _docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=5, check=False).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-
-
 def _leader(address: str, scheme: str = "http") -> bool:
     try:
         with urllib.request.urlopen(f"{scheme}://{address}/v1/status/leader", timeout=2) as response:
@@ -89,13 +81,18 @@ def start_dev_agent(tmp_path_factory: pytest.TempPathFactory, label: str, **opti
 
 @pytest.fixture(scope="session")
 def consul_agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    address = os.environ.get(ADDRESS_VARIABLE)
-    if address:
-        if not _leader(address):
-            pytest.fail(f"{ADDRESS_VARIABLE}={address} does not answer as a Consul agent with a leader")
-        yield ExternalAgent(address)
+    try:
+        choice = devselect.choose()
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if choice.missing is not None:
+        unavailable(f"{choice.why}, but {choice.missing}. {HOW_TO_GET_CONSUL}")
+    if choice.address is not None:
+        if not _leader(choice.address):
+            pytest.fail(f"{choice.why} does not answer as a Consul agent with a leader", pytrace=False)
+        yield ExternalAgent(choice.address)
         return
-    if _docker_answers():
+    if choice.way == "docker":
         docker_services = request.getfixturevalue("docker_services")
         port = docker_services.port_for("consul", 8500)
         address = f"127.0.0.1:{port}"

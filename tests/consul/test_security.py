@@ -75,6 +75,10 @@ def test_token_without_write_is_denied_and_never_shown(
         with pytest.raises(dc.InvalidConfig) as invalid:
             dc.connect("consul", address=acl_agent.address, **options)
         shown.append(str(invalid.value))
+    for url in (f"consul://user:{token}@{acl_agent.address}", f"consul://{acl_agent.address}/x?token={token}"):
+        with pytest.raises(dc.InvalidConfig) as invalid:
+            dc.connect(url)
+        shown += [str(invalid.value), repr(invalid.value.value)]
     with dc.connect("consul", address=f"127.0.0.1:{free_port()}", token=token) as unreachable:
         shown.append(repr(unreachable))
         with pytest.raises(dc.BackendUnavailable) as down:

@@ -15,18 +15,18 @@ class WrappedBackend(Backend):
         super().__init__()
         self._inner = connect("memory://")
 
-    def add(self, instance: ServiceInstance) -> None:
+    def _add(self, instance: ServiceInstance) -> None:
         self._check_open()
-        self._inner.add(instance)
+        self._inner._add(instance)
 
     def deregister(self, instance_id: str) -> None:
         self._inner.deregister(instance_id)
 
-    def heartbeat(self, instance_id: str) -> None:
-        self._inner.heartbeat(instance_id)
+    def _heartbeat(self, instance_id: str) -> None:
+        self._inner._heartbeat(instance_id)
 
-    def is_registered(self, instance: ServiceInstance) -> bool:
-        return self._inner.is_registered(instance)
+    def _is_registered(self, instance: ServiceInstance) -> bool:
+        return self._inner._is_registered(instance)
 
     def poll(self, query: Query, index: int, stop: Stop) -> Snapshot:
         return self._inner.poll(query, index, stop)
