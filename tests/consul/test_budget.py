@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from discovery_consul import ConsulBackend
 from discovery_consul.devagent import DevAgent, connections_to
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
 from discovery_examples.addservice.fleet import Fleet
@@ -115,6 +116,7 @@ def test_one_process_watches_1000_services_within_its_budget(
             registration.deregister()
         for watch in watches:
             watch.close()
+    assert isinstance(backend, ConsulBackend)
     assert 0 < sampler.most <= backend.max_connections, sampler.most
     assert problems() == []
 
@@ -140,6 +142,7 @@ def test_watch_and_channel_cycles_leave_nothing_behind(
         finally:
             fleet.close()
     assert took < 60, f"the cycles took {took:.1f} s, more than the minute the scenario allows"
+    assert isinstance(backend, ConsulBackend)
     assert sampler.most <= backend.max_connections
     assert problems() == []
     # Queries a closed watch left running end within their wait (3 s here).
