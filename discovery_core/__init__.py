@@ -17,6 +17,7 @@ from discovery_core.errors import (
     InvalidConfig,
     InvalidInstance,
     PermissionDenied,
+    WatchTimeout,
 )
 from discovery_core.model import (
     Check,
@@ -68,6 +69,7 @@ __all__ = [
     "TcpCheck",
     "TtlCheck",
     "Watch",
+    "WatchTimeout",
     "Watcher",
     "available_backends",
     "connect",

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidConfig",
     "InvalidInstance",
     "PermissionDenied",
+    "WatchTimeout",
 ]
 
 
@@ -62,6 +63,11 @@ class BackendUnavailable(DiscoveryError):
 
 class PermissionDenied(DiscoveryError):
     """The backend refused the request (an ACL denial, a missing or wrong token)."""
+
+
+class WatchTimeout(DiscoveryError, TimeoutError):
+    """``Watch.wait(timeout)`` saw no new snapshot in time (the backend answers, nothing
+    changed). A ``TimeoutError`` too, so either ``except`` catches it."""
 
 
 class ClosedError(DiscoveryError, RuntimeError):

@@ -8,6 +8,11 @@ content; coalescing (a slow reader sees the latest set, never a backlog); a toke
 bucket against a feed that spins; capped exponential backoff with
 jitter and the last known set marked ``stale`` while the backend is down; and the
 ``Watch`` handle with ``wait``, iteration, ``async for`` and ``subscribe``.
+
+Before the first snapshot there is no last known set to serve: ``wait()`` raises a
+permanent error (a denied token, an unknown datacenter, a rejected request) at once,
+and ``BackendUnavailable`` once the backend has not answered for
+``Watcher.first_snapshot_patience`` seconds (5 by default) since the feed started.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
-from discovery_core.errors import BackendUnavailable, ClosedError, DiscoveryError, InvalidInstance
+from discovery_core.errors import BackendUnavailable, ClosedError, DiscoveryError, InvalidInstance, WatchTimeout
 from discovery_core.model import HealthStatus, ServiceInstance, Snapshot
 
 __all__ = ["Feed", "Query", "Stop", "Watch", "Watcher"]
@@ -33,6 +38,8 @@ __all__ = ["Feed", "Query", "Stop", "Watch", "Watcher"]
 log = logging.getLogger("discovery_core.watch")
 
 Subscriber = Callable[[Snapshot], None]
+ErrorSubscriber = Callable[[DiscoveryError], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -175,13 +182,16 @@ class Feed:
         self.watcher = watcher
         self.query = query
         self.refs = 0
+        #: The backend's last failure; None once it answers again.
         self.error: DiscoveryError | None = None
         self.current: Snapshot | None = None
+        self.started = time.monotonic()
         #: Set once, when the last handle closes; a blocking poll may register a waker.
         self.stopping = Stop()
         self._deliver_lock = threading.RLock()
         self._subscribers: dict[int, Subscriber] = {}
         self._closers: dict[int, Callable[[], None]] = {}
+        self._error_subscribers: dict[int, ErrorSubscriber] = {}
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -210,21 +220,32 @@ class Feed:
             if thread.is_alive():
                 log.warning("watch on %r: the backend's poll did not return on close", self.query.service)
 
-    def subscribe(self, callback: Subscriber, on_close: Callable[[], None] | None = None) -> Callable[[], None]:
-        """Add a subscriber and hand it the current snapshot at once, if there is one."""
+    def subscribe(
+        self,
+        callback: Subscriber,
+        on_close: Callable[[], None] | None = None,
+        on_error: ErrorSubscriber | None = None,
+    ) -> Callable[[], None]:
+        """Add a subscriber and hand it the current snapshot at once, if there is one
+        (and ``on_error`` the backend's error, while it fails)."""
         with self._deliver_lock:
             key = next(self._keys)
             self._subscribers[key] = callback
             if on_close is not None:
                 self._closers[key] = on_close
+            if on_error is not None:
+                self._error_subscribers[key] = on_error
             if self.current is not None:
                 self._call(callback, self.current)
+            if on_error is not None and self.error is not None:
+                self._call(on_error, self.error)
         return lambda: self._unsubscribe(key)
 
     def _unsubscribe(self, key: int) -> None:
         with self._deliver_lock:
             self._subscribers.pop(key, None)
             self._closers.pop(key, None)
+            self._error_subscribers.pop(key, None)
 
     def _publish(self, snapshot: Snapshot) -> None:
         with self._deliver_lock:
@@ -232,15 +253,16 @@ class Feed:
             for callback in list(self._subscribers.values()):
                 self._call(callback, snapshot)
 
-    def _call(self, callback: Subscriber, snapshot: Snapshot) -> None:
+    def _call(self, callback: Callable[[T], None], value: T) -> None:
         try:
-            callback(snapshot)
+            callback(value)
         except Exception:  # a subscriber's bug must not stop the feed for the others
             log.exception("watch on %r: a subscriber raised", self.query.service)
 
     def deliver(self, snapshot: Snapshot) -> bool:
         """A fresh answer from the backend: published unless it changes nothing (then
         False). The index never goes backwards for subscribers, whatever the backend's did."""
+        self.error = None
         current = self.current
         if current is not None and not current.stale and snapshot.same_content(current):
             return False
@@ -253,11 +275,37 @@ class Feed:
         return True
 
     def fail(self, error: DiscoveryError) -> None:
-        """The backend could not answer: keep the last set, marked ``stale``."""
-        self.error = error
-        current = self.current
-        if current is not None and not current.stale:
-            self._publish(dataclasses.replace(current, stale=True))
+        """The backend could not answer: keep the last set, marked ``stale``, and tell
+        the error subscribers (before a first snapshot, waiters decide with it)."""
+        with self._deliver_lock:
+            self.error = error
+            current = self.current
+            if current is not None and not current.stale:
+                self._publish(dataclasses.replace(current, stale=True))
+            for on_error in list(self._error_subscribers.values()):
+                self._call(on_error, error)
+
+    def first_failure(self, now: float, deadline: float | None) -> tuple[DiscoveryError | None, float | None]:
+        """What a waiter with ``deadline`` (monotonic, None: none) does now, given the
+        backend's error: ``(error, None)`` to raise it (before the first snapshot: a
+        permanent error at once, ``BackendUnavailable`` once ``deadline`` or the
+        watcher's ``first_snapshot_patience`` passed), else ``(None, when)`` to wait
+        until ``when`` (None: no bound). After a first snapshot only ``deadline`` counts."""
+        error = self.error
+        if self.current is not None or error is None:
+            return None, deadline
+        if not isinstance(error, BackendUnavailable):
+            return error, None
+        give_up = self.started + self.watcher.first_snapshot_patience
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        if now < give_up:
+            return None, give_up
+        service = self.query.service
+        message = f"no snapshot of {service!r} in {now - self.started:.1f} s: {error}"
+        unavailable = BackendUnavailable(message, service=service, backend=error.backend)
+        unavailable.__cause__ = error
+        return unavailable, None
 
     def _run(self, on_exit: Callable[[], None] | None) -> None:
         try:
@@ -282,7 +330,8 @@ class Feed:
                 if not isinstance(exc, DiscoveryError):
                     log.error("watch on %r: the backend's poll raised %r", service, exc, exc_info=exc)
                 elif not outage:
-                    log.warning("watch on %r: %s; serving the last known set and retrying", service, exc)
+                    serving = "no snapshot yet" if self.current is None else "serving the last known set"
+                    log.warning("watch on %r: %s; %s and retrying", service, exc, serving)
                 outage = True
                 # Read at once when the backend answers again: a restarted backend's
                 # index may sit below ours, and a blocking poll would wait it out.
@@ -296,7 +345,6 @@ class Feed:
             if outage:
                 log.info("watch on %r: the backend answers again", service)
                 outage = False
-                self.error = None
                 backoff.reset()
                 watcher._feed_noticed(recovered=True)
             index = _next_index(index, snapshot.index)
@@ -311,6 +359,9 @@ class Watch:
     ``callback(snapshot)`` on the feed's thread, with the current snapshot at once:
     keep callbacks short and do not unsubscribe while holding a lock the callback
     takes. Closing the last handle of a feed stops its thread.
+
+    Before the first snapshot ``wait()`` gives up early when none can come (see the
+    module doc); afterwards a failing backend shows as ``stale`` snapshots.
     """
 
     def __init__(self, feed: Feed, release: Callable[[], None]) -> None:
@@ -323,7 +374,7 @@ class Watch:
         self._closed = False
         self._unsubscribers: list[Callable[[], None]] = []
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-        self._unsubscribers.append(feed.subscribe(self._on_snapshot, on_close=self._on_close))
+        self._unsubscribers.append(feed.subscribe(self._on_snapshot, self._on_close, self._on_error))
 
     @property
     def query(self) -> Query:
@@ -338,6 +389,12 @@ class Watch:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def error(self) -> DiscoveryError | None:
+        """The backend's last error while it fails (the snapshots are then ``stale``,
+        or none came yet); None while it answers."""
+        return self._feed.error
+
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         with self._cond:
             self._latest = snapshot
@@ -348,6 +405,11 @@ class Watch:
     def _on_close(self) -> None:
         with self._cond:
             self._closed = True
+            self._cond.notify_all()
+        self._wake_async()
+
+    def _on_error(self, error: DiscoveryError) -> None:
+        with self._cond:  # a waiter before the first snapshot may give up now
             self._cond.notify_all()
         self._wake_async()
 
@@ -366,44 +428,56 @@ class Watch:
             raise ClosedError(f"the watch on {self.query.service!r} is closed", service=self.query.service)
         return None
 
-    def _timed_out(self, timeout: float | None) -> DiscoveryError | TimeoutError:
-        error = self._feed.error
-        if error is not None and self._latest is None:
-            return error
-        return TimeoutError(f"no new snapshot of {self.query.service!r} within {timeout} s")
+    def _next(self, deadline: float | None, timeout: float | None) -> tuple[Snapshot | None, float | None]:
+        """Under the lock: ``(snapshot, _)`` when there is one to return, else ``(None,
+        seconds)`` to wait (None: no bound). Raises when waiting is over."""
+        snapshot = self._take()
+        if snapshot is not None:
+            return snapshot, None
+        now = time.monotonic()
+        error, until = self._feed.first_failure(now, deadline)
+        if error is not None:
+            raise error.with_traceback(None)  # maybe a stored error: drop an earlier raise's frames
+        if until is None:
+            return None, None
+        if now >= until:
+            service = self.query.service
+            raise WatchTimeout(f"no new snapshot of {service!r} within {timeout} s", service=service)
+        return None, until - now
 
     def wait(self, timeout: float | None = None) -> Snapshot:
         """The next snapshot this handle has not returned yet (the current one first).
 
-        Raises ``TimeoutError`` after ``timeout`` seconds, the backend's error instead
-        when no snapshot ever arrived, and ``ClosedError`` once the watch is closed.
+        Raises ``WatchTimeout`` (a ``TimeoutError``) after ``timeout`` seconds and
+        ``ClosedError`` once the watch is closed. Before the first snapshot it raises
+        the backend's error instead: a permanent one at once, ``BackendUnavailable``
+        after ``timeout`` or the watcher's ``first_snapshot_patience``, whichever
+        comes first (so even with no timeout).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            self._cond.wait_for(lambda: self._seq > self._seen or self._closed, timeout)
-            snapshot = self._take()
-            if snapshot is None:
-                raise self._timed_out(timeout)
-            return snapshot
+            while True:
+                snapshot, remaining = self._next(deadline, timeout)
+                if snapshot is not None:
+                    return snapshot
+                self._cond.wait(remaining)
 
     async def wait_async(self, timeout: float | None = None) -> Snapshot:
         """``wait()`` for asyncio code: it awaits instead of blocking the loop."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             event = asyncio.Event()
             waiter = (loop, event)
             with self._cond:
-                snapshot = self._take()
+                snapshot, remaining = self._next(deadline, timeout)
                 if snapshot is not None:
                     return snapshot
                 self._async_waiters.add(waiter)
             try:
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise self._timed_out(timeout)
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
-                raise self._timed_out(timeout) from None
+                pass  # the next round raises, or returns what arrived meanwhile
             finally:
                 self._async_waiters.discard(waiter)
 
@@ -422,12 +496,13 @@ class Watch:
             except ClosedError:
                 return
 
-    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call ``callback`` with the current snapshot and every change; returns an
-        unsubscribe function. Closing the watch unsubscribes it too."""
+    def subscribe(self, callback: Subscriber, *, on_error: ErrorSubscriber | None = None) -> Callable[[], None]:
+        """Call ``callback`` with the current snapshot and every change, and
+        ``on_error`` with the backend's error now (if it fails) and on each failure;
+        returns an unsubscribe function. Closing the watch unsubscribes it too."""
         if self._closed:
             raise ClosedError(f"the watch on {self.query.service!r} is closed", service=self.query.service)
-        unsubscribe = self._feed.subscribe(callback)
+        unsubscribe = self._feed.subscribe(callback, on_error=on_error)
         self._unsubscribers.append(unsubscribe)
         return unsubscribe
 
@@ -463,8 +538,10 @@ class Watcher(abc.ABC):
 
     Class attributes a backend may tune: ``poll_rate``/``poll_burst`` (token bucket of
     polls per second), ``retry_base``/``retry_cap`` (backoff seconds while the backend
-    is down) and ``close_timeout`` (how long closing waits for a poll to return; 0:
-    do not wait, the poll finishes in the background).
+    is down), ``close_timeout`` (how long closing waits for a poll to return; 0:
+    do not wait, the poll finishes in the background) and
+    ``first_snapshot_patience`` (how long ``Watch.wait()`` waits for a first snapshot
+    from a backend that does not answer).
     """
 
     poll_rate: float = 50.0
@@ -472,6 +549,7 @@ class Watcher(abc.ABC):
     retry_base: float = 0.1
     retry_cap: float = 2.0
     close_timeout: float = 5.0
+    first_snapshot_patience: float = 5.0
     _closed = False
 
     def __init__(self) -> None:

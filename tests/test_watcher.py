@@ -8,7 +8,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -148,7 +148,113 @@ def test_async_wait_times_out_with_timeout_error() -> None:
     async def main() -> None:
         with backend, backend.watch("svc") as watch:
             assert len((await watch.wait_async(timeout=5)).instances) == 1
-            with pytest.raises(TimeoutError):
+            with pytest.raises(dc.WatchTimeout):
                 await watch.wait_async(timeout=0.1)
 
     asyncio.run(main())
+
+
+def raised_within(seconds: float, call: Callable[[], object]) -> BaseException:
+    """What ``call`` raised, run on a thread that must end within ``seconds`` (a hang
+    fails the test instead of blocking it)."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    assert outcome, "returned instead of raising"
+    return outcome[0]
+
+
+DENIED = dc.PermissionDenied("Consul at http://127.0.0.1:1 denied the request: ACL not found")
+UNREACHABLE = dc.BackendUnavailable("Consul at http://127.0.0.1:1 is unreachable: connection refused")
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0])
+@pytest.mark.parametrize("error", [DENIED, dc.DiscoveryError("Consul at x failed: No path to datacenter")])
+def test_wait_raises_a_permanent_error_before_the_first_snapshot_at_once(
+    error: dc.DiscoveryError, timeout: float | None
+) -> None:
+    backend = ScriptedBackend(*[error] * 1000)
+    backend.go.set()
+    with backend, backend.watch("svc") as watch:
+        raised = raised_within(10, lambda: watch.wait(timeout=timeout))
+    assert type(raised) is type(error)
+    assert str(raised) == str(error)
+
+
+class Impatient(ScriptedBackend):
+    first_snapshot_patience = 0.3
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0])
+def test_wait_gives_up_on_an_unreachable_backend_after_the_patience_not_the_timeout(timeout: float | None) -> None:
+    backend = Impatient(*[UNREACHABLE] * 10_000)
+    backend.go.set()
+    with backend, backend.watch("svc") as watch:
+        raised = raised_within(10, lambda: watch.wait(timeout=timeout))
+    assert isinstance(raised, dc.BackendUnavailable)
+    assert "no snapshot of 'svc'" in str(raised)
+    assert "connection refused" in str(raised)
+    assert raised.__cause__ is not None
+
+
+def test_after_the_first_snapshot_a_failing_backend_means_stale_sets_not_errors() -> None:
+    backend = Impatient(snap(2, A), *[DENIED] * 10_000)
+    backend.go.set()
+    with backend, backend.watch("svc") as watch:
+        first = watch.wait(timeout=5)  # fresh, or already stale (a slow reader sees the latest)
+        assert [i.id for i in first.instances] == ["a"]
+        assert (first if first.stale else watch.wait(timeout=5)).stale
+        assert watch.error is not None
+        assert "ACL not found" in str(watch.error)
+        with pytest.raises(dc.WatchTimeout):
+            watch.wait(timeout=0.5)  # past the patience: no error raised, the set stays
+
+
+def test_the_outage_log_says_no_set_is_served_when_there_is_none(caplog: pytest.LogCaptureFixture) -> None:
+    backend = ScriptedBackend(UNREACHABLE, snap(2, A))
+    with caplog.at_level(logging.WARNING, logger="discovery_core.watch"):
+        for _ in follow(backend):
+            pass
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "last known set" not in warning
+    assert "no snapshot yet" in warning
+
+
+class SelfDriven(Impatient):
+    """A backend that drives its feeds itself (no poll thread), with ``Feed.fail``."""
+
+    def __init__(self, error: dc.DiscoveryError) -> None:
+        super().__init__()
+        self.error = error
+
+    def start_feed(self, feed: dc.Feed) -> None:
+        threading.Timer(0.05, feed.fail, args=(self.error,)).start()
+
+
+@pytest.mark.parametrize("error", [DENIED, UNREACHABLE])
+def test_feeds_a_backend_drives_itself_give_up_the_same_way(error: dc.DiscoveryError) -> None:
+    with SelfDriven(error) as backend, backend.watch("svc") as watch:
+        raised = raised_within(10, watch.wait)
+    assert type(raised) is type(error)
+    assert str(error) in str(raised)
+
+
+def test_wait_timeout_is_a_discovery_error_and_a_timeout_error() -> None:
+    backend = ScriptedBackend(snap(2, A))
+    backend.go.set()
+    with backend, backend.watch("svc") as watch:
+        watch.wait(timeout=5)
+        with pytest.raises(dc.WatchTimeout) as raised:
+            watch.wait(timeout=0.1)
+    assert isinstance(raised.value, dc.DiscoveryError)
+    assert isinstance(raised.value, TimeoutError)
+    assert raised.value.service == "svc"
