@@ -7,6 +7,7 @@ instance, ``watch()`` a service. Importing this package imports no backend.
 import logging
 
 from discovery_core.backend import Backend, available_backends, connect
+from discovery_core.client.errors import NoInstanceError
 from discovery_core.client.retry import RetryPolicy
 from discovery_core.client.sync import DiscoveryChannel, discovery_channel
 from discovery_core.errors import (
@@ -53,6 +54,7 @@ __all__ = [
     "HttpCheck",
     "InvalidConfig",
     "InvalidInstance",
+    "NoInstanceError",
     "PermissionDenied",
     "Presence",
     "ProbeCheck",

@@ -26,6 +26,7 @@ from discovery_core.client.picker import Picker
 from discovery_core.client.pool import Pool
 from discovery_core.client.retry import Attempts, RetryPolicy, never_sent
 from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
+from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
 from discovery_core.watcher import Watch, Watcher
 
@@ -346,7 +347,7 @@ class AioDiscoveryChannel(grpc.aio.Channel):
         self._pool = pool
         self._retry = retry
         self._loop = asyncio.get_running_loop()
-        self._unsubscribe = watch.subscribe(self._on_snapshot)
+        self._unsubscribe = watch.subscribe(self._on_snapshot, on_error=self._on_error)
 
     @property
     def service(self) -> str:
@@ -360,10 +361,17 @@ class AioDiscoveryChannel(grpc.aio.Channel):
         return self._pool.fail_open_since
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
+        self._to_loop(self._pool.apply, snapshot)
+
+    def _on_error(self, error: DiscoveryError) -> None:
+        self._to_loop(self._pool.failed, error)
+
+    def _to_loop(self, handle: Callable[[Any], None], value: Snapshot | DiscoveryError) -> None:
+        """The pool is the loop's: hand it what the watch's thread brings."""
         try:
-            self._loop.call_soon_threadsafe(self._pool.apply, snapshot)
+            self._loop.call_soon_threadsafe(handle, value)
         except RuntimeError:  # the loop is closed: the channel went with it
-            log.debug("%s: snapshot after the event loop closed", self.service)
+            log.debug("%s: %r after the event loop closed", self.service, value)
 
     def instances(self) -> dict[str, str]:
         """Each endpoint's instance id and state, for diagnostics and tests."""

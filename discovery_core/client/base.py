@@ -24,15 +24,19 @@ def connectivity(picker: Picker[Any]) -> grpc.ChannelConnectivity:
     """The channel's state as grpc would name it, from the current picker."""
     if picker.ready:
         return grpc.ChannelConnectivity.READY
-    if picker.connecting:
+    if picker.connecting or picker.resolving:
         return grpc.ChannelConnectivity.CONNECTING
-    return grpc.ChannelConnectivity.TRANSIENT_FAILURE if picker.known else grpc.ChannelConnectivity.IDLE
+    if picker.known or picker.error is not None:
+        return grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    return grpc.ChannelConnectivity.IDLE
 
 
 def waits(picker: Picker[Any], wait_for_ready: bool | None) -> bool:
-    """Whether a call without a ready endpoint waits (rather than failing fast): with
-    ``wait_for_ready``, or while some endpoint's health is still unknown."""
-    return bool(wait_for_ready) or picker.connecting
+    """Whether a call without a ready endpoint waits (rather than failing fast), as
+    grpc's calls wait for a first resolution and connection: with ``wait_for_ready``,
+    until the watch's first snapshot (unless the watch fails), or while some
+    endpoint's health is still unknown."""
+    return bool(wait_for_ready) or picker.resolving or picker.connecting
 
 
 def usable(wait_for_ready: bool | None) -> Callable[[Picker[Any]], bool]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, Literal
 
 from discovery_core.client.endpoint import C, Endpoint
-from discovery_core.errors import InvalidConfig
+from discovery_core.errors import DiscoveryError, InvalidConfig
 
 __all__ = ["POLICIES", "LeastRequest", "Picker", "Policy", "RoundRobin", "WeightedRoundRobin", "policy_class"]
 
@@ -25,16 +25,37 @@ _MAX_SCHEDULE = 1024
 
 class Picker(Generic[C]):
     """Chooses an endpoint for one call. Immutable: a new one is built from every
-    change of the set or of an endpoint's health; ``pick()`` takes no lock and does
-    no I/O. Subclasses are the policies."""
+    change of the set, of an endpoint's health or of the watch's error; ``pick()``
+    takes no lock and does no I/O. Subclasses are the policies (``_build`` prepares
+    their schedule)."""
 
     name: ClassVar[str] = ""
 
-    def __init__(self, service: str, ready: Sequence[Endpoint[C]], *, connecting: bool, known: int) -> None:
+    def __init__(
+        self,
+        service: str,
+        ready: Sequence[Endpoint[C]],
+        *,
+        connecting: bool,
+        known: int,
+        resolved: bool = True,
+        error: DiscoveryError | None = None,
+    ) -> None:
         self.service = service
         self.ready = tuple(ready)
         self.connecting = connecting  # some endpoint's health is not known yet
         self.known = known  # endpoints in the set, ready or not
+        self.resolved = resolved  # a snapshot arrived (before it, nothing is known)
+        self.error = error  # the watch's last error while it fails
+        self._build()
+
+    @property
+    def resolving(self) -> bool:
+        """No snapshot yet and no error either: the first one may come any moment."""
+        return not self.resolved and self.error is None
+
+    def _build(self) -> None:
+        """Prepare the policy's state from ``ready``."""
 
     def pick(self) -> Endpoint[C] | None:
         """An endpoint for the next call, None when none is ready."""
@@ -48,9 +69,20 @@ class Picker(Generic[C]):
         return next((ep for ep in self.ready if ep not in tried), chosen)
 
     def why_none(self) -> str:
+        """Why no endpoint takes a call: what the registry said, or why it said nothing.
+        "Not registered" only when a snapshot from an answering watch said so."""
+        service = self.service
+        failing = f"the watch on {service!r} fails: {self.error}" if self.error is not None else ""
+        if not self.resolved:
+            return failing or f"no snapshot of service {service!r} has come from the registry yet"
         if self.known == 0:
-            return f"no instance of service {self.service!r} is registered and healthy"
-        return f"none of the {self.known} instances of service {self.service!r} is serving"
+            if failing:
+                return f"{failing} (its last snapshot had no healthy instance)"
+            return f"no instance of service {service!r} is registered and healthy"
+        text = f"none of the {self.known} instances of service {service!r} is serving"
+        if self.connecting:
+            text += " yet (the health of some is not known yet)"
+        return f"{text}; {failing}" if failing else text
 
 
 class RoundRobin(Picker[C]):
@@ -58,8 +90,7 @@ class RoundRobin(Picker[C]):
 
     name = "round_robin"
 
-    def __init__(self, service: str, ready: Sequence[Endpoint[C]], *, connecting: bool, known: int) -> None:
-        super().__init__(service, ready, connecting=connecting, known=known)
+    def _build(self) -> None:
         self._next = itertools.count(random.randrange(len(self.ready) or 1)).__next__
 
     def pick(self) -> Endpoint[C] | None:
@@ -73,8 +104,7 @@ class WeightedRoundRobin(Picker[C]):
 
     name = "weighted_round_robin"
 
-    def __init__(self, service: str, ready: Sequence[Endpoint[C]], *, connecting: bool, known: int) -> None:
-        super().__init__(service, ready, connecting=connecting, known=known)
+    def _build(self) -> None:
         self._schedule = self._smooth([ep.instance.weight for ep in self.ready])
         self._next = itertools.count(random.randrange(len(self._schedule) or 1)).__next__
 

@@ -17,6 +17,7 @@ from typing import Generic
 from discovery_core.client.endpoint import CONNECTING, DOWN, READY, C, Endpoint
 from discovery_core.client.picker import Picker, policy_class
 from discovery_core.client.select import check_threshold, select
+from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
 
 __all__ = ["Pool"]
@@ -42,7 +43,9 @@ class Pool(Generic[C], abc.ABC):
         #: and the channel keeps its critical instances (None: not failing open).
         self.fail_open_since: float | None = None
         self.closed = False
-        self.picker: Picker[C] = self.policy(service, (), connecting=False, known=0)
+        self.resolved = False  # a snapshot was applied
+        self.error: DiscoveryError | None = None  # the watch's last error while it fails
+        self.picker: Picker[C] = self.policy(service, (), connecting=False, known=0, resolved=False)
         self.endpoints: dict[str, Endpoint[C]] = {}
 
     @abc.abstractmethod
@@ -67,6 +70,9 @@ class Pool(Generic[C], abc.ABC):
     def apply(self, snapshot: Snapshot) -> None:
         if self.closed:
             return
+        self.resolved = True
+        if not snapshot.stale:
+            self.error = None
         selection = select(snapshot, self.panic_threshold)
         self._fail_open(selection.panicked, selection.healthy, selection.listed)
         wanted = {inst.id: inst for inst in selection.instances}
@@ -100,6 +106,13 @@ class Pool(Generic[C], abc.ABC):
             self.fail_open_since = None
             log.info("%s: the registry shows %d of %d instances healthy: fail-open ends", self.service, healthy, listed)
 
+    def failed(self, error: DiscoveryError) -> None:
+        """The watch failed: calls that find no endpoint say so (and before a first
+        snapshot stop waiting for one)."""
+        if not self.closed:
+            self.error = error
+            self.rebuild()
+
     def set_state(self, endpoint: Endpoint[C], state: str) -> None:
         if endpoint.state == state or endpoint.retired or self.closed:
             return
@@ -111,7 +124,9 @@ class Pool(Generic[C], abc.ABC):
         endpoints = list(self.endpoints.values())
         ready = [ep for ep in endpoints if ep.state == READY]
         connecting = any(ep.state == CONNECTING for ep in endpoints)
-        self.picker = self.policy(self.service, ready, connecting=connecting, known=len(endpoints))
+        self.picker = self.policy(
+            self.service, ready, connecting=connecting, known=len(endpoints), resolved=self.resolved, error=self.error
+        )
         self.notify()
 
     def _retire(self, endpoint: Endpoint[C]) -> None:

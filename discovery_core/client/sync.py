@@ -41,6 +41,7 @@ from discovery_core.client.picker import Picker, Policy
 from discovery_core.client.pool import Pool
 from discovery_core.client.retry import Attempts, RetryPolicy, never_sent
 from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
+from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
 from discovery_core.watcher import Watch, Watcher
 
@@ -417,7 +418,7 @@ class DiscoveryChannel(grpc.Channel):
         self._retry = retry
         self._subscribers: list[Callable[[grpc.ChannelConnectivity], None]] = []
         pool.on_state = self._on_state
-        self._unsubscribe = watch.subscribe(self._on_snapshot)
+        self._unsubscribe = watch.subscribe(self._on_snapshot, on_error=self._on_error)
 
     @property
     def service(self) -> str:
@@ -433,6 +434,10 @@ class DiscoveryChannel(grpc.Channel):
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         with self._pool.lock:
             self._pool.apply(snapshot)
+
+    def _on_error(self, error: DiscoveryError) -> None:
+        with self._pool.lock:
+            self._pool.failed(error)
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         # Called under the pool's lock: subscribers run on their own thread, as grpc's do.
@@ -545,7 +550,9 @@ def discovery_channel(
     when fewer than this fraction of the instances the registry lists are healthy (a
     failed or partitioned agent, not a drain: drained instances leave the list), keep
     calling the listed ones while their own health stream says SERVING (0: never).
-    With no instance a call fails at once with UNAVAILABLE naming the service, or
+    A call waits within its deadline for the watch's first snapshot and for a new
+    instance's health to be known. With no instance it fails at once with
+    UNAVAILABLE naming the service (and the watch's error when the watch fails), or
     with ``wait_for_ready`` waits up to its deadline for one.
     """
     pool = _SyncPool(

@@ -50,6 +50,24 @@ def test_serve_registers_a_grpc_check_consul_runs(backend: dc.Backend, fleet: Fl
     assert backend.instances(service, passing_only=False).instances == ()
 
 
+def test_the_first_call_on_a_fresh_channel_waits_for_the_first_snapshot(
+    backend: dc.Backend, fleet: Fleet, service: str
+) -> None:
+    fleet.start()
+    for _ in range(3):  # each a fresh watch: the issue saw 10 first calls of 10 fail
+        with dc.discovery_channel(backend, service) as channel:
+            assert add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=2), timeout=20).v == 3
+
+
+async def test_the_first_aio_call_on_a_fresh_channel_waits_for_the_first_snapshot(
+    backend: dc.Backend, fleet: Fleet, service: str
+) -> None:
+    await asyncio.to_thread(fleet.start)
+    for _ in range(3):
+        async with aio.discovery_channel(backend, service) as channel:
+            assert (await add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=2), timeout=20)).v == 3
+
+
 def test_rolling_restart_under_load_loses_no_call(backend: dc.Backend, fleet: Fleet, service: str) -> None:
     old = [fleet.start() for _ in range(3)]
     with dc.discovery_channel(backend, service) as channel:
