@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,7 +25,7 @@ from discovery_core.model import Check
 from discovery_core.registry import Registration, Registry
 from discovery_core.server import NOT_SERVING, SERVING, _has_health_service, _Plan, _plan
 
-__all__ = ["AioDiscoveryChannel", "AioServed", "discovery_channel", "serve"]
+__all__ = ["AioDiscoveryChannel", "AioServed", "AioServing", "discovery_channel", "serve"]
 
 log = logging.getLogger("discovery_core.aio")
 
@@ -103,8 +103,35 @@ class AioServed:
     ) -> None:
         await self.stop()
 
+    def __repr__(self) -> str:
+        stopping = self._stopping
+        state = "serving" if stopping is None else "stopped" if stopping.done() else "stopping"
+        return f"<AioServed {self.instance.name!r} {self.instance.id!r} at {self.target} {state}>"
 
-async def serve(
+
+class AioServing:
+    """What ``serve()`` returns, as grpc.aio's objects do: ``await`` it for the
+    ``AioServed``, or ``async with`` it (the block's end stops the server)."""
+
+    def __init__(self, starting: Coroutine[Any, Any, AioServed]) -> None:
+        self._starting = starting
+        self._served: AioServed | None = None
+
+    def __await__(self) -> Generator[Any, None, AioServed]:
+        return self._starting.__await__()
+
+    async def __aenter__(self) -> AioServed:
+        self._served = await self._starting
+        return self._served
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._served is not None:
+            await self._served.stop()
+
+
+def serve(
     server: grpc.aio.Server,
     registry: Registry,
     service: str,
@@ -121,13 +148,22 @@ async def serve(
     drain: float = 1.0,
     grace: float = 5.0,
     handle_signals: bool = True,
-) -> AioServed:
+) -> AioServing:
     """``discovery_core.serve`` for a ``grpc.aio.Server`` (same arguments; the health
-    servicer is grpc_health's asyncio one). Registry calls run in a worker thread."""
+    servicer is grpc_health's asyncio one). Registry calls run in a worker thread.
+
+    ``served = await serve(...)`` or ``async with serve(...) as served:``.
+    """
     plan = _plan(
         service, port=port, host=host, advertise=advertise, check=check, tags=tags, meta=meta,
         weight=weight, instance_id=instance_id, drain=drain, grace=grace,
     )  # fmt: skip
+    return AioServing(_start(server, registry, plan, port, health_servicer, handle_signals=handle_signals))
+
+
+async def _start(
+    server: grpc.aio.Server, registry: Registry, plan: _Plan, port: int, health_servicer: Any, *, handle_signals: bool
+) -> AioServed:
     owns_health = health_servicer is None
     if health_servicer is None:
         if _has_health_service(server):
@@ -149,5 +185,5 @@ async def serve(
         raise
     if handle_signals:
         served._install_signals()
-    log.info("serving %s at %s", service, served.target)
+    log.info("serving %s at %s", plan.service, served.target)
     return served
