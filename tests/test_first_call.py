@@ -113,6 +113,17 @@ def test_an_empty_stale_set_blames_the_watch_not_a_missing_deployment(held: Held
     assert "registered" not in details
 
 
+def test_a_call_without_an_instance_raises_the_public_no_instance_error(held: HeldBackend) -> None:
+    with dc.discovery_channel(held, "add") as channel, pytest.raises(dc.NoInstanceError) as raised:
+        held.release()  # its first snapshot: no instance
+        add_pb2_grpc.AdderStub(channel).Add(request(), timeout=30)
+    assert isinstance(raised.value, grpc.RpcError)
+    assert isinstance(raised.value, grpc.Call)
+    assert not isinstance(raised.value, dc.DiscoveryError)
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert raised.value.details() == "no instance of service 'add' is registered and healthy"
+
+
 async def test_the_first_aio_call_waits_for_the_first_snapshot(held: HeldBackend, fleet: Fleet) -> None:
     fleet.start()
     async with aio.discovery_channel(held, "add") as channel:
