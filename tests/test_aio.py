@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -125,14 +123,6 @@ async def test_serve_is_an_async_context_manager_too_and_says_what_it_serves(bac
         assert repr(served) == f"<AioServed 'add' {served.instance.id!r} at {served.target} serving>"
     assert backend.instances("add").instances == ()
     assert repr(served).endswith(" stopped>")
-
-
-def test_the_aio_example_in_the_docs_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    docs = (Path(__file__).parent.parent / "docs" / "grpc.md").read_text()
-    match = re.search(r"## asyncio: a server and a client\n.*?```python\n(.*?)```", docs, re.S)
-    assert match, "docs/grpc.md lost its asyncio example"
-    exec(compile(match.group(1), "docs/grpc.md", "exec"), {"__name__": "docs"})
-    assert "1 + 2 = 3" in capsys.readouterr().out
 
 
 async def test_no_instance_fails_at_once_naming_the_service(channel: aio.AioDiscoveryChannel) -> None:

@@ -4,6 +4,7 @@ Callers of a ``grpc.Channel`` catch ``grpc.RpcError`` and read ``code()``; a cal
 that finds no instance must look the same (UNAVAILABLE, or DEADLINE_EXCEEDED after
 waiting), so this is a ``grpc.RpcError`` and a ``grpc.Call``, not a
 ``DiscoveryError``. The aio channel raises grpc's own ``AioRpcError`` instead.
+Public as ``discovery_core.NoInstanceError``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 
 import discovery_core as dc
-from discovery_core.client.errors import NoInstanceError
 
 ROOT = Path(__file__).parent.parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -36,9 +35,8 @@ _BLOCK = re.compile(r"(?:<!-- doc-test: (?P<words>[^>]*?) -->\n)?```python\n(?P<
 _EXAMPLE_AGENT = "127.0.0.1:8500"
 _SERVING_WITHIN = 20.0
 # Pages that fail today for a reason another change fixes: strict, so the marker must
-# go once it passes. The sync client's first call on a fresh channel, before its
-# first snapshot, fails (issue 9 item 1, on the branch that fixes the channel).
-_PENDING = {"docs/grpc.md": pytest.mark.xfail(raises=NoInstanceError, strict=True, reason="issue 9 item 1")}
+# go once it passes.
+_PENDING: dict[str, pytest.MarkDecorator] = {}
 
 
 @dataclass(frozen=True)
