@@ -102,6 +102,7 @@ class SharedFeeds:
         self._unchecked: set[str] = set()  # services that may hold an instance without a check
         self._due: list[tuple[float, int, str]] = []  # (when, seq, service): the reader's schedule
         self._planned: dict[str, float] = {}  # service -> its one planned read (older heap entries are void)
+        self._read_at: dict[str, float] = {}  # service -> when its last read was sent (monotonic)
         self._now: set[str] = set()  # services to read at once
         self._seq = 0
         self._stop = Stop()
@@ -138,6 +139,7 @@ class SharedFeeds:
                     self._nodes.pop(feed.query.service, None)
                     self._unchecked.discard(feed.query.service)
                     self._planned.pop(feed.query.service, None)
+                    self._read_at.pop(feed.query.service, None)
 
     def close(self, timeout: float) -> None:
         """Stop the threads (their queries are cut short) within ``timeout``."""
@@ -189,7 +191,11 @@ class SharedFeeds:
             if outage:
                 log.info("Consul %s detector: the agent answers again", detector.name)
                 outage, delay = False, _RETRY_BASE
-            changed = set(services) if known is None else _changed(services, known, by_service)
+            if known is None:  # nothing to compare with: read what was not read since this query left
+                with self._lock:
+                    changed = {name for name in services if self._read_at.get(name, -1.0) < started}
+            else:
+                changed = _changed(services, known, by_service)
             changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
             # Services watched since this query was sent were read when added, but may
             # have changed since, unseen by this query's filter: read them once more.
@@ -249,6 +255,7 @@ class SharedFeeds:
         while (service := self._next_service()) is not None:
             with self._lock:
                 feeds = list(self._feeds.get(service, ()))
+                self._read_at[service] = time.monotonic()
             nodes: set[str] = set()
             changed = unchecked = False
             for feed in feeds:
@@ -276,7 +283,7 @@ class SharedFeeds:
             # A change is often followed by another the detectors may not tell apart
             # (an instance replaced under the same id, a restore): read again soon.
             # Otherwise resync once per wait period, jittered: what shows in no check.
-            delay = _FOLLOW_UP if changed else random.uniform(0.5, 1.0) * self._wait
+            delay = _FOLLOW_UP if changed else random.uniform(0.9, 1.0) * self._wait
             self._schedule((service,), at_once=False, delay=delay)
 
 
