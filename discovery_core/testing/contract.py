@@ -240,8 +240,9 @@ class BackendContract:
             unsubscribe = watch.subscribe(received.append)
             assert [_ids(s) for s in received] == [{inst.id}]  # replayed at once, in this thread
             unsubscribe()
-            backend.deregister(inst.id)
-            _until(watch, lambda s: not s.instances, timing.settle)
+            other = ServiceInstance(service, "127.0.0.1", 5002)
+            with backend.register(other):  # a change the unsubscribed callback must not see
+                _until(watch, lambda s: other.id in _ids(s), timing.settle)
             assert len(received) == 1
 
     def test_closed_watch_ends_iteration_and_refuses_use(self, backend: Backend, service: str) -> None:
