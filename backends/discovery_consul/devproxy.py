@@ -1,6 +1,6 @@
-"""A TCP proxy in front of a Consul agent that counts HTTP requests and bytes, for
-tests and benchmarks that measure what a client costs the agent (not used by the
-backend itself)."""
+"""TCP proxies in front of a Consul agent, for tests and benchmarks (not used by the
+backend itself): one that counts HTTP requests and bytes, what a client costs the
+agent; and the base a test extends to break a connection on cue."""
 
 from __future__ import annotations
 
@@ -10,33 +10,35 @@ import socket
 import threading
 from collections import Counter
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["CountingProxy"]
+__all__ = ["CountingProxy", "Proxy"]
 
 _REQUEST_LINE = re.compile(rb"(GET|PUT|POST|DELETE) (/v1/[^ ?]*)\S* HTTP/1\.[01]")
 
 
-class CountingProxy:
-    """Forwards TCP to an agent and counts each HTTP request by method and path, and
-    the bytes each way: what a client costs the agent, seen from outside the client."""
+class Proxy:
+    """Forwards TCP connections to an agent, a thread each way; a subclass sees every
+    chunk (``_forward``) with per-connection state (``_pair``)."""
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.rsplit(":", 1)
         self._upstream = (host, int(port))
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.requests: Counter[str] = Counter()
-        self.bytes_up = 0  # client -> agent
-        self.bytes_down = 0  # agent -> client
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
-    def counts(self) -> Counter[str]:
-        with self._lock:
-            return Counter(self.requests)
+    def _pair(self) -> Any:
+        """State shared by the two directions of one connection."""
+        return None
+
+    def _forward(self, data: bytes, sink: socket.socket, *, up: bool, pair: Any) -> bool:
+        """Pass ``data`` on (``up``: client to agent); False ends this direction."""
+        sink.sendall(data)
+        return True
 
     def _accept(self) -> None:
         while True:
@@ -48,27 +50,17 @@ class CountingProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._sockets += [client, upstream]
-            for source, sink, count in ((client, upstream, True), (upstream, client, False)):
-                thread = threading.Thread(target=self._pump, args=(source, sink, count), daemon=True)
+            pair = self._pair()
+            for source, sink, up in ((client, upstream, True), (upstream, client, False)):
+                thread = threading.Thread(target=self._pump, args=(source, sink, up, pair), daemon=True)
                 self._threads.append(thread)
                 thread.start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
-        pending = b""
+    def _pump(self, source: socket.socket, sink: socket.socket, up: bool, pair: Any) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                with self._lock:
-                    if count:
-                        self.bytes_up += len(data)
-                    else:
-                        self.bytes_down += len(data)
-                if count:
-                    *lines, pending = (pending + data).split(b"\r\n")
-                    for line in lines:
-                        if match := _REQUEST_LINE.fullmatch(line):
-                            with self._lock:
-                                self.requests[f"{match[1].decode()} {match[2].decode()}"] += 1
-                sink.sendall(data)
+                if not self._forward(data, sink, up=up, pair=pair):
+                    return
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
@@ -87,3 +79,42 @@ class CountingProxy:
             sock.close()
         for thread in self._threads:
             thread.join(5)
+
+
+class _Lines:
+    """What is left of a connection's request stream after its last full line."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+
+class CountingProxy(Proxy):
+    """Counts each HTTP request by method and path, and the bytes each way: what a
+    client costs the agent, seen from outside the client."""
+
+    def __init__(self, upstream: str) -> None:
+        self.requests: Counter[str] = Counter()
+        self.bytes_up = 0  # client -> agent
+        self.bytes_down = 0  # agent -> client
+        super().__init__(upstream)
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self.requests)
+
+    def _pair(self) -> _Lines:
+        return _Lines()
+
+    def _forward(self, data: bytes, sink: socket.socket, *, up: bool, pair: Any) -> bool:
+        with self._lock:
+            if up:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
+        if up:
+            *lines, pair.pending = (pair.pending + data).split(b"\r\n")
+            for line in lines:
+                if match := _REQUEST_LINE.fullmatch(line):
+                    with self._lock:
+                        self.requests[f"{match[1].decode()} {match[2].decode()}"] += 1
+        return super()._forward(data, sink, up=up, pair=pair)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
@@ -10,10 +9,10 @@ import struct
 import threading
 import urllib.request
 from concurrent import futures
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pytest
+from discovery_consul.devproxy import Proxy
 
 import discovery_core as dc
 
@@ -80,65 +79,32 @@ def test_a_backend_closed_while_threads_register_leaves_nothing(consul_agent: An
     assert agent_services(consul_agent.address, service) == []
 
 
-class AnswerCutter:
+class AnswerCutter(Proxy):
     """A TCP proxy to an agent that, once, lets a registration reach the agent and
     resets the connection instead of passing the answer back: a register() that
     fails in transport after the agent wrote the instance."""
 
     def __init__(self, upstream: str) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.armed = threading.Event()
         self.cut = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._listener.accept()
-                upstream = socket.create_connection(self._upstream, timeout=10)
-                self._sockets += [client, upstream]
-                registering = threading.Event()
-                for args in ((client, upstream, registering, True), (upstream, client, registering, False)):
-                    thread = threading.Thread(target=self._pump, args=args, daemon=True)
-                    self._threads.append(thread)
-                    thread.start()
+    def _pair(self) -> threading.Event:
+        return threading.Event()  # a registration went up this connection
 
-    def _pump(self, source: socket.socket, sink: socket.socket, registering: threading.Event, ask: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if ask and data.startswith(b"PUT /v1/agent/service/register"):
-                    registering.set()
-                elif not ask and registering.is_set():
-                    registering.clear()
-                    if self.armed.is_set():
-                        self.armed.clear()
-                        sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        sink.shutdown(socket.SHUT_RD)  # wakes the other pump's recv; sends nothing
-                        sink.close()  # a reset: the answer is dropped
-                        self.cut.set()
-                        return
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        for thread in self._threads:
-            thread.join(5)
+    def _forward(self, data: bytes, sink: socket.socket, *, up: bool, pair: Any) -> bool:
+        if up and data.startswith(b"PUT /v1/agent/service/register"):
+            pair.set()
+        elif not up and pair.is_set():
+            pair.clear()
+            if self.armed.is_set():
+                self.armed.clear()
+                sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sink.shutdown(socket.SHUT_RD)  # wakes the other pump's recv; sends nothing
+                sink.close()  # a reset: the answer is dropped
+                self.cut.set()
+                return False
+        return super()._forward(data, sink, up=up, pair=pair)
 
 
 def test_a_register_that_failed_in_transport_removes_what_the_agent_wrote(
