@@ -176,6 +176,7 @@ class SharedFeeds:
             started = time.monotonic()
             try:
                 returned, by_service, by_node = detector.fetch(index, watched, self._stop)
+                received = time.monotonic()
             except DiscoveryError as exc:
                 if self._stop.is_set():
                     return
@@ -191,9 +192,11 @@ class SharedFeeds:
             if outage:
                 log.info("Consul %s detector: the agent answers again", detector.name)
                 outage, delay = False, _RETRY_BASE
-            if known is None:  # nothing to compare with: read what was not read since this query left
+            if known is None:
+                # Nothing to compare with: read what no read sent after this answer
+                # arrived will show (the answer may hold a change an earlier read missed).
                 with self._lock:
-                    changed = {name for name in services if self._read_at.get(name, -1.0) < started}
+                    changed = {name for name in services if self._read_at.get(name, -1.0) < received}
             else:
                 changed = _changed(services, known, by_service)
             changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
