@@ -101,6 +101,8 @@ def populate(
 class DevAgent:
     """One ``consul agent -dev`` process; ``address`` is its HTTP (or HTTPS) ``host:port``.
 
+    ``host`` is the loopback address it binds (127.0.0.1; another one, such as
+    127.0.0.77, keeps a test's agent apart from clients a former agent left behind).
     ``hcl`` is extra agent configuration (ACLs, TLS); ``config_files`` are loaded too
     (a JSON file of ``services`` preloads thousands of instances in a second).
     ``https=True`` adds an HTTPS
@@ -118,6 +120,7 @@ class DevAgent:
         start_timeout: float = 30.0,
         token: str | None = None,
         config_files: tuple[str | os.PathLike[str], ...] = (),
+        host: str = "127.0.0.1",
     ) -> None:
         found = shutil.which(binary)
         if found is None:
@@ -127,6 +130,7 @@ class DevAgent:
         self.https_port = free_port() if https else None
         self.hcl = hcl
         self.config_files = tuple(config_files)
+        self.host = host  # another loopback address keeps clients of other agents away
         self.start_timeout = start_timeout
         self._token = token
         self._tmp = tempfile.TemporaryDirectory(prefix="consul-dev-")
@@ -137,11 +141,11 @@ class DevAgent:
     @property
     def address(self) -> str:
         port = self.https_port if self.https_port is not None else self.ports["http"]
-        return f"127.0.0.1:{port}"
+        return f"{self.host}:{port}"
 
     @property
     def http_address(self) -> str:
-        return f"127.0.0.1:{self.ports['http']}"
+        return f"{self.host}:{self.ports['http']}"
 
     @property
     def running(self) -> bool:
@@ -153,8 +157,8 @@ class DevAgent:
             self.binary,
             "agent",
             "-dev",
-            "-bind=127.0.0.1",
-            "-client=127.0.0.1",
+            f"-bind={self.host}",
+            f"-client={self.host}",
             f"-http-port={ports['http']}",
             f"-dns-port={ports['dns']}",
             f"-serf-lan-port={ports['serf_lan']}",

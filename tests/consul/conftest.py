@@ -214,6 +214,7 @@ def crowded_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevAgent
         for n in range(CROWDED_INSTANCES)
     ]
     config.write_text(json.dumps({"services": services}))
-    agent = start_dev_agent(tmp_path_factory, "crowded", config_files=(config,))
+    # Its own loopback address: connections counted to it are the test's alone.
+    agent = start_dev_agent(tmp_path_factory, "crowded", config_files=(config,), host="127.0.0.77")
     yield agent
     agent.close()
