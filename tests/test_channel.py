@@ -7,6 +7,8 @@ to its last answered call).
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -20,7 +22,7 @@ from discovery_examples.addservice import add_pb2, add_pb2_grpc
 from discovery_examples.addservice.fleet import KILL_RETRY, Event, Fleet, Load, wait_until
 
 import discovery_core as dc
-from discovery_core.client.endpoint import Endpoint
+from discovery_core.client.endpoint import CONNECTING, READY, TRANSIENT_FAILURE, Endpoint
 from discovery_core.client.picker import LeastRequest, RoundRobin, WeightedRoundRobin
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,11 +124,23 @@ def test_weighted_round_robin_follows_instance_weights(backend: dc.Backend, flee
     assert counts == {light.name: 100, heavy.name: 300}
 
 
-def fake_endpoints(*inflight: int, weights: tuple[int, ...] = ()) -> list[Endpoint[None]]:
+class FakeChannel:
+    """Stands for a grpc channel in picker tests: a connectivity state to set."""
+
+    def __init__(self, state: int) -> None:
+        self.state = state
+        self._channel = self
+
+    def check_connectivity_state(self, try_to_connect: bool) -> int:
+        return self.state
+
+
+def fake_endpoints(*inflight: int, weights: tuple[int, ...] = (), state: int = READY) -> list[Endpoint[FakeChannel]]:
     endpoints = []
     for n, busy in enumerate(inflight):
         weight = weights[n] if weights else 1
-        endpoint: Endpoint[None] = Endpoint(dc.ServiceInstance("s", "10.0.0.1", 1000 + n, weight=weight), None, "ready")
+        instance = dc.ServiceInstance("s", "10.0.0.1", 1000 + n, weight=weight)
+        endpoint = Endpoint(instance, FakeChannel(state))
         endpoint.inflight = busy
         endpoints.append(endpoint)
     return endpoints
@@ -134,19 +148,37 @@ def fake_endpoints(*inflight: int, weights: tuple[int, ...] = ()) -> list[Endpoi
 
 def test_least_request_prefers_the_endpoint_with_fewer_outstanding_calls() -> None:
     idle, busy = fake_endpoints(0, 50)
-    picker = LeastRequest("s", [idle, busy], connecting=False, known=2)
+    picker = LeastRequest("s", [idle, busy])
     assert {picker.pick() for _ in range(100)} == {idle}
     even = fake_endpoints(0, 0, 0)
-    assert set(Counter(LeastRequest("s", even, connecting=False, known=3).pick() for _ in range(300))) == set(even)
+    assert set(Counter(LeastRequest("s", even).pick() for _ in range(300))) == set(even)
 
 
-def test_pickers_are_immutable_snapshots_that_pick_without_ready_endpoints_as_none() -> None:
+def test_pickers_pick_only_ready_endpoints_and_none_without_one() -> None:
     for policy in (RoundRobin, WeightedRoundRobin, LeastRequest):
-        assert policy("s", [], connecting=True, known=2).pick() is None
+        assert policy("s", []).pick() is None
+        connecting = fake_endpoints(0, 0, state=CONNECTING)
+        picker = policy("s", connecting)
+        assert picker.pick() is None
+        assert picker.connecting
+        connecting[1].channel.state = READY  # seen at once: nothing was ready, so the pick looks again
+        assert {picker.pick() for _ in range(20)} == {connecting[1]}
+        connecting[1].channel.state = TRANSIENT_FAILURE  # NOT_SERVING: its next pick sees it
+        assert picker.pick() is None
     endpoints = fake_endpoints(0, 0, weights=(1, 2))
-    picker = WeightedRoundRobin("s", endpoints, connecting=False, known=2)
+    picker = WeightedRoundRobin("s", endpoints)
     schedule = [picker.pick() for _ in range(3)]
     assert sorted(Counter(schedule).values()) == [1, 2]  # smooth: any 3 consecutive picks hold the 1:2 ratio
+
+
+def test_a_lone_endpoint_is_picked_before_it_connects_only_without_health_checking() -> None:
+    (alone,) = fake_endpoints(0, state=CONNECTING)
+    assert RoundRobin("s", [alone], lone=True).pick() is alone  # the only choice: the call waits for it
+    assert RoundRobin("s", [alone]).pick() is None  # health on: unknown is not serving
+    pair = fake_endpoints(0, 0, state=CONNECTING)
+    assert RoundRobin("s", pair, lone=True).pick() is None  # several: only connected ones
+    alone.channel.state = TRANSIENT_FAILURE
+    assert RoundRobin("s", [alone], lone=True).pick() is None
 
 
 def test_unknown_policy_is_invalid_config(backend: dc.Backend) -> None:
@@ -256,7 +288,7 @@ def test_close_closes_connections_and_unsubscribes(backend: dc.Backend, fleet: F
     channel.close()  # idempotent
     assert not backend._feeds, "the watch feed is still running"
     assert all(ep.retired for ep in endpoints)
-    mine = ("discovery-health:", "discovery-watch:")
+    mine = ("discovery-connectivity:", "discovery-watch:")
     assert wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith(mine)], timeout=10)
     with pytest.raises(dc.ClosedError):
         add(channel, timeout=5)
@@ -345,3 +377,34 @@ def test_an_endpoint_closed_after_a_pick_refuses_the_call() -> None:
     assert not endpoint.end()
     assert endpoint.end()  # the last call closes it
     assert not endpoint.begin()
+
+
+def unused_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on (bound together, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("health_check", [True, False])
+def test_unreachable_endpoints_cost_no_thread_and_take_no_call(
+    backend: dc.Backend, fleet: Fleet, health_check: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    servers = {fleet.start().name, fleet.start().name}
+    for port in unused_ports(40):
+        backend.register(dc.ServiceInstance("add", "127.0.0.1", port), keepalive=False)
+    baseline = {t.name for t in threading.enumerate()}
+    caplog.set_level(logging.DEBUG, logger="discovery_core.channel")
+    with dc.discovery_channel(backend, "add", health_check=health_check) as channel:
+        assert wait_until(lambda: len(channel.instances()) == 42, timeout=10)
+        assert set(answered_by(channel, 200)) == servers
+        # Unknown is not ready: no call went to an endpoint that never connected (it
+        # would have failed there and been retried elsewhere, which is logged).
+        assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+        new = sorted(t.name for t in threading.enumerate() if t.name not in baseline)
+        assert len(new) <= 3, f"threads grow with endpoints: {new}"  # the watch, grpc's own

@@ -1,14 +1,15 @@
 """The asyncio face: a discovery ``grpc.aio.Channel``.
 
 The decisions are the shared ones (the pool, pickers, ``Attempts``, health verdicts);
-only the I/O is async, on the loop that built the channel: a task follows each
-endpoint's health. The watch feeds snapshots on its own thread: they are handed to
-the event loop, which owns the pool.
+only the I/O is async, on the loop that built the channel (C-core follows each
+endpoint's health, as for the sync channel: no task per endpoint). The watch feeds
+snapshots on its own thread: they are handed to the event loop, which owns the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,14 +18,12 @@ from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2_grpc
 
-from discovery_core.client.base import EndpointMethod, connectivity, unpicked, usable, waits
-from discovery_core.client.endpoint import Endpoint
-from discovery_core.client.health_watch import HealthFollower
+from discovery_core.client.base import EndpointMethod, connectivity, pauses, unpicked, usable, waits
+from discovery_core.client.endpoint import Endpoint, channel_options
 from discovery_core.client.picker import Picker
 from discovery_core.client.pool import Pool
-from discovery_core.client.retry import Attempts, RetryPolicy, never_sent
+from discovery_core.client.retry import Attempts, RetryPolicy
 from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
 from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
@@ -36,7 +35,7 @@ log = logging.getLogger("discovery_core.aio")
 
 
 class _AioPool(Pool[grpc.aio.Channel]):
-    """Endpoints on grpc.aio channels; everything runs on the loop, health by a task each."""
+    """Endpoints on grpc.aio channels; everything runs on the loop."""
 
     def __init__(
         self,
@@ -61,55 +60,33 @@ class _AioPool(Pool[grpc.aio.Channel]):
         return task
 
     def open(self, instance: ServiceInstance) -> grpc.aio.Channel:
+        options = channel_options(self._options, instance, health_check=self.health_check)
         if self._credentials is not None:
-            return grpc.aio.secure_channel(instance.target, self._credentials, self._options)
-        return grpc.aio.insecure_channel(instance.target, self._options)
+            return grpc.aio.secure_channel(instance.target, self._credentials, options)
+        return grpc.aio.insecure_channel(instance.target, options)
 
     def release(self, endpoint: Endpoint[grpc.aio.Channel]) -> None:
         self._spawn(endpoint.channel.close(None))
-
-    def monitor(self, endpoint: Endpoint[grpc.aio.Channel]) -> None:
-        endpoint.monitor = self._spawn(self._watch_health(endpoint))
-
-    def unmonitor(self, endpoint: Endpoint[grpc.aio.Channel]) -> None:
-        endpoint.monitor.cancel()
 
     def notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def restart_monitor(self, endpoint: Endpoint[grpc.aio.Channel]) -> None:
-        self.unmonitor(endpoint)
-        self.monitor(endpoint)
-
     async def wait(self, accept: Callable[[Picker[Any]], bool], deadline: float | None) -> Picker[grpc.aio.Channel]:
+        """The first picker ``accept`` takes (or the last one at the deadline), looking
+        again at each new picker and after each of ``pauses()``."""
+        pause = pauses()
         while not accept(self.picker) and not self.closed:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
+            wait = next(pause) if remaining is None else min(next(pause), remaining)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait)
         return self.picker
 
-    async def _watch_health(self, endpoint: Endpoint[grpc.aio.Channel]) -> None:
-        watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
-        follower = HealthFollower(self, endpoint)
-        while not endpoint.retired:  # a retired endpoint's task is cancelled as well
-            code = None
-            try:
-                async for reply in watch(follower.request):
-                    follower.reply(reply.status)
-            except grpc.aio.AioRpcError as error:
-                code = error.code()
-            delay = follower.ended(code)
-            if delay is None:
-                return
-            await asyncio.sleep(delay)
-
     async def aclose(self, grace: float | None) -> None:
-        endpoints = self.close_all()  # cancels the health tasks; closing channels finish
+        endpoints = self.close_all()  # closing channels finish
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(ep.channel.close(grace) for ep in endpoints), return_exceptions=True)
 
@@ -217,10 +194,7 @@ class _UnaryUnaryCall(_UnaryUnaryCallBase):
                     self._call = mc._target(endpoint)(request, **kwargs)
                     return await self._call
                 except grpc.aio.AioRpcError as error:
-                    code, details = error.code(), error.details()
-                    if never_sent(code, details):
-                        pool.mark_down(endpoint)
-                    if not attempts.again(endpoint, code, details):
+                    if not attempts.again(endpoint, error.code(), error.details()):
                         raise
                 finally:
                     pool.finished(endpoint)
@@ -374,8 +348,9 @@ class AioDiscoveryChannel(grpc.aio.Channel):
             log.debug("%s: %r after the event loop closed", self.service, value)
 
     def instances(self) -> dict[str, str]:
-        """Each endpoint's instance id and state, for diagnostics and tests."""
-        return {inst_id: ep.state for inst_id, ep in self._pool.endpoints.items()}
+        """Each endpoint's instance id and state (idle, connecting, ready, down): for
+        diagnostics and tests."""
+        return {inst_id: ep.state_name() for inst_id, ep in self._pool.endpoints.items()}
 
     def unary_unary(
         self,

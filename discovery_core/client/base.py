@@ -5,7 +5,7 @@ a method's multicallable made once per endpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -15,7 +15,12 @@ from discovery_core.client.picker import Picker
 from discovery_core.client.pool import Pool
 from discovery_core.errors import ClosedError
 
-__all__ = ["EndpointMethod", "connectivity", "unpicked", "usable", "waits"]
+__all__ = ["STATE_POLL", "EndpointMethod", "connectivity", "pauses", "unpicked", "usable", "waits"]
+
+# Endpoint states are read, not pushed (C-core keeps them; no thread per endpoint
+# watches them): whoever waits for a change looks again after a pause that doubles
+# from 1 ms up to this.
+STATE_POLL = 0.05
 
 P = TypeVar("P", bound="Pool[Any]")
 
@@ -29,6 +34,14 @@ def connectivity(picker: Picker[Any]) -> grpc.ChannelConnectivity:
     if picker.known or picker.error is not None:
         return grpc.ChannelConnectivity.TRANSIENT_FAILURE
     return grpc.ChannelConnectivity.IDLE
+
+
+def pauses() -> Iterator[float]:
+    """The pauses between two looks of a caller waiting for a usable picker."""
+    pause = 0.001
+    while True:
+        yield pause
+        pause = min(pause * 2, STATE_POLL)
 
 
 def waits(picker: Picker[Any], wait_for_ready: bool | None) -> bool:

@@ -2,9 +2,10 @@
 
 grpc-go's base balancer: ``apply(snapshot)`` is the resolver update (keep endpoints
 whose instance stays, open new ones, retire the rest once their calls finish),
-``set_state`` an endpoint's state change, ``rebuild`` makes a new picker from the
-READY endpoints, ``finished`` is a call's ``Done``. The decisions are made here once;
-each face (sync, aio) subclasses it with the I/O.
+``rebuild`` makes a new picker over the endpoints, ``finished`` is a call's ``Done``.
+Endpoint health needs no handling here: C-core follows it on each endpoint's
+channel, and pickers read it. The decisions are made here once; each face (sync,
+aio) subclasses it with the I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import time
 from typing import Generic
 
-from discovery_core.client.endpoint import CONNECTING, DOWN, READY, C, Endpoint
+from discovery_core.client.endpoint import C, Endpoint
 from discovery_core.client.picker import Picker, policy_class
 from discovery_core.client.select import check_threshold, select
 from discovery_core.errors import DiscoveryError
@@ -30,8 +31,8 @@ class Pool(Generic[C], abc.ABC):
 
     ``apply(snapshot)`` keeps endpoints whose instance stays (same id and target),
     opens new ones and retires the rest (closed once their calls finish). A subclass
-    supplies the I/O: opening and closing endpoint channels, health monitoring, and
-    waking callers that wait for a usable picker.
+    supplies the I/O: opening and closing endpoint channels, and waking callers that
+    wait for a usable picker.
     """
 
     def __init__(self, service: str, policy: str, *, health_check: bool, panic_threshold: float) -> None:
@@ -45,7 +46,7 @@ class Pool(Generic[C], abc.ABC):
         self.closed = False
         self.resolved = False  # a snapshot was applied
         self.error: DiscoveryError | None = None  # the watch's last error while it fails
-        self.picker: Picker[C] = self.policy(service, (), connecting=False, known=0, resolved=False)
+        self.picker: Picker[C] = self.policy(service, (), resolved=False)
         self.endpoints: dict[str, Endpoint[C]] = {}
 
     @abc.abstractmethod
@@ -55,14 +56,6 @@ class Pool(Generic[C], abc.ABC):
     @abc.abstractmethod
     def release(self, endpoint: Endpoint[C]) -> None:
         """Close a retired endpoint's channel (its calls are done)."""
-
-    @abc.abstractmethod
-    def monitor(self, endpoint: Endpoint[C]) -> None:
-        """Start following the endpoint's health."""
-
-    @abc.abstractmethod
-    def unmonitor(self, endpoint: Endpoint[C]) -> None:
-        """Stop following it (cancel the stream; never blocks)."""
 
     def notify(self) -> None:
         """A new picker is in place: wake waiters (the caller holds the pool's lock)."""
@@ -85,10 +78,7 @@ class Pool(Generic[C], abc.ABC):
                 endpoint.instance = instance  # weight or meta may have changed
         for instance_id, instance in wanted.items():
             if instance_id not in self.endpoints:
-                state = CONNECTING if self.health_check else READY
-                endpoint = self.endpoints[instance_id] = Endpoint(instance, self.open(instance), state)
-                if self.health_check:
-                    self.monitor(endpoint)
+                self.endpoints[instance_id] = Endpoint(instance, self.open(instance))
         self.rebuild()  # before closing anything, so no new pick lands on a closed endpoint
         for endpoint in gone:
             self._retire(endpoint)
@@ -113,39 +103,19 @@ class Pool(Generic[C], abc.ABC):
             self.error = error
             self.rebuild()
 
-    def set_state(self, endpoint: Endpoint[C], state: str) -> None:
-        if endpoint.state == state or endpoint.retired or self.closed:
-            return
-        log.debug("%s: %s is %s", self.service, endpoint.instance.id, state)
-        endpoint.state = state
-        self.rebuild()
-
     def rebuild(self) -> None:
-        endpoints = list(self.endpoints.values())
-        ready = [ep for ep in endpoints if ep.state == READY]
-        connecting = any(ep.state == CONNECTING for ep in endpoints)
         self.picker = self.policy(
-            self.service, ready, connecting=connecting, known=len(endpoints), resolved=self.resolved, error=self.error
+            self.service,
+            list(self.endpoints.values()),
+            resolved=self.resolved,
+            error=self.error,
+            lone=not self.health_check,
         )
         self.notify()
 
     def _retire(self, endpoint: Endpoint[C]) -> None:
-        if endpoint.monitor is not None:
-            self.unmonitor(endpoint)
         if endpoint.retire():
             self.release(endpoint)
-
-    def mark_down(self, endpoint: Endpoint[C]) -> None:
-        """A call found the endpoint unreachable: out of the picker until its health
-        watch, restarted now, says it serves. Without health checking nothing would
-        bring it back, so it stays (calls landing on it are retried elsewhere)."""
-        if self.health_check and not endpoint.retired:
-            self.set_state(endpoint, DOWN)
-            self.restart_monitor(endpoint)
-
-    @abc.abstractmethod
-    def restart_monitor(self, endpoint: Endpoint[C]) -> None:
-        """Re-open the endpoint's health watch now."""
 
     def finished(self, endpoint: Endpoint[C]) -> None:
         """A call on ``endpoint`` ended (close the endpoint if it was the last of a retired one)."""
@@ -158,8 +128,6 @@ class Pool(Generic[C], abc.ABC):
         endpoints, self.endpoints = list(self.endpoints.values()), {}
         for endpoint in endpoints:
             endpoint.retire(now=True)
-            if endpoint.monitor is not None:
-                self.unmonitor(endpoint)
-        self.picker = self.policy(self.service, (), connecting=False, known=0)
+        self.picker = self.policy(self.service, ())
         self.notify()
         return endpoints

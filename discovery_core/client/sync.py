@@ -9,8 +9,9 @@ channel's multicallables, per call, so stubs made before the first instance exis
 work once it does.
 
 Health per endpoint comes from a grpc.health.v1 ``Watch`` stream on that endpoint's
-own channel: an instance that says NOT_SERVING (or whose connection breaks) leaves the
-picker at once, well before the backend's next check.
+own channel, which C-core runs itself (no Python thread): an instance that says
+NOT_SERVING (or whose connection breaks) takes no further call, well before the
+backend's next check.
 
 ``wait_for_ready`` is the channel's: a call waits for *an instance* to be ready; the
 call on the chosen endpoint itself fails fast, so a dead endpoint costs a transparent
@@ -22,7 +23,6 @@ channel (``discovery_core.client.aio``); only the I/O differs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -31,15 +31,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
-from discovery_core.client.base import EndpointMethod, connectivity, unpicked, usable, waits
-from discovery_core.client.endpoint import Endpoint
+from discovery_core.client.base import STATE_POLL, EndpointMethod, connectivity, pauses, unpicked, usable, waits
+from discovery_core.client.endpoint import Endpoint, channel_options
 from discovery_core.client.errors import NoInstanceError
-from discovery_core.client.health_watch import HealthFollower
 from discovery_core.client.picker import Picker, Policy
 from discovery_core.client.pool import Pool
-from discovery_core.client.retry import Attempts, RetryPolicy, never_sent
+from discovery_core.client.retry import Attempts, RetryPolicy
 from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
 from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
@@ -51,7 +49,7 @@ log = logging.getLogger("discovery_core.channel")
 
 
 class _SyncPool(Pool[grpc.Channel]):
-    """Endpoints on grpc channels; health watched by a thread per endpoint."""
+    """Endpoints on grpc channels, and callers waiting for a usable picker."""
 
     def __init__(
         self,
@@ -67,87 +65,30 @@ class _SyncPool(Pool[grpc.Channel]):
         self.lock = threading.Condition(threading.Lock())
         self._credentials = credentials
         self._options = list(options)
-        self._threads: list[threading.Thread] = []
-        self._closing = threading.Event()  # wakes health threads sleeping between watches
-        self.state = connectivity(self.picker)
-        self.on_state: Callable[[grpc.ChannelConnectivity], None] | None = None
 
     def open(self, instance: ServiceInstance) -> grpc.Channel:
+        options = channel_options(self._options, instance, health_check=self.health_check)
         if self._credentials is not None:
-            return grpc.secure_channel(instance.target, self._credentials, self._options)
-        return grpc.insecure_channel(instance.target, self._options)
+            return grpc.secure_channel(instance.target, self._credentials, options)
+        return grpc.insecure_channel(instance.target, options)
 
     def release(self, endpoint: Endpoint[grpc.Channel]) -> None:
         endpoint.channel.close()
 
-    def monitor(self, endpoint: Endpoint[grpc.Channel]) -> None:
-        thread = threading.Thread(
-            target=self._watch_health, args=(endpoint,), name=f"discovery-health:{endpoint.instance.id}", daemon=True
-        )
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(thread)
-        endpoint.monitor = True  # replaced by the live call once the thread opens it
-        thread.start()
-
-    def unmonitor(self, endpoint: Endpoint[grpc.Channel]) -> None:
-        call = endpoint.monitor
-        if isinstance(call, grpc.Future):
-            call.cancel()
-
     def notify(self) -> None:
         self.lock.notify_all()
-        state = connectivity(self.picker)
-        if state is not self.state:
-            self.state = state
-            if self.on_state is not None:
-                self.on_state(state)
-
-    def _watch_health(self, endpoint: Endpoint[grpc.Channel]) -> None:
-        watch = health_pb2_grpc.HealthStub(endpoint.channel).Watch
-        follower = HealthFollower(self, endpoint)
-        while True:
-            with self.lock:
-                if endpoint.retired:
-                    return
-                call = endpoint.monitor = watch(follower.request)
-            code = None
-            try:
-                for reply in call:
-                    with self.lock:
-                        follower.reply(reply.status)
-            except grpc.RpcError as error:
-                code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-            except ValueError:  # the channel was closed under the stream
-                return
-            with self.lock:
-                if endpoint.retired:
-                    return
-                delay = follower.ended(code)
-            if delay is None or (delay and self._closing.wait(delay)):
-                return
-
-    def mark_down(self, endpoint: Endpoint[grpc.Channel]) -> None:
-        with self.lock:
-            super().mark_down(endpoint)
-
-    def restart_monitor(self, endpoint: Endpoint[grpc.Channel]) -> None:
-        self.unmonitor(endpoint)  # the health thread sees CANCELLED and watches again at once
 
     def wait(self, usable: Callable[[Picker[grpc.Channel]], bool], deadline: float | None) -> Picker[grpc.Channel]:
-        """The first picker ``usable`` accepts (or the last one at the deadline)."""
+        """The first picker ``usable`` accepts (or the last one at the deadline),
+        looking again at each new picker and after each of ``pauses()``."""
+        pause = pauses()
         with self.lock:
             while not usable(self.picker) and not self.closed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self.lock.wait(remaining)
+                self.lock.wait(next(pause) if remaining is None else min(next(pause), remaining))
             return self.picker
-
-    def join(self, timeout: float) -> None:
-        self._closing.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Call(EndpointMethod["_SyncPool"]):
@@ -287,8 +228,6 @@ class _UnaryUnary(_Call, _UnaryUnaryBase):
                     raise
                 code, details = error.code(), error.details()
                 attempts = attempts or Attempts(timeout, self._retry, started)
-                if never_sent(code, details):
-                    pool.mark_down(endpoint)
                 if not attempts.again(endpoint, code, details):
                     raise
                 log.debug("%s on %s failed (%s); retrying", self._method, endpoint.instance.id, code)
@@ -416,8 +355,9 @@ class DiscoveryChannel(grpc.Channel):
         self._watch = watch
         self._pool = pool
         self._retry = retry
-        self._subscribers: list[Callable[[grpc.ChannelConnectivity], None]] = []
-        pool.on_state = self._on_state
+        # Each subscriber with the last state it was told (None: not told yet).
+        self._subscribers: list[list[Any]] = []
+        self._follower: threading.Thread | None = None
         self._unsubscribe = watch.subscribe(self._on_snapshot, on_error=self._on_error)
 
     @property
@@ -439,16 +379,33 @@ class DiscoveryChannel(grpc.Channel):
         with self._pool.lock:
             self._pool.failed(error)
 
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        # Called under the pool's lock: subscribers run on their own thread, as grpc's do.
-        for callback in list(self._subscribers):
-            threading.Thread(target=callback, args=(state,), name="discovery-connectivity", daemon=True).start()
+    def _follow_state(self) -> None:
+        """Tell subscribers the channel's connectivity as it changes. Endpoint states
+        are read, not pushed, so this looks every 50 ms, on one thread per channel
+        that runs while anyone is subscribed (grpc's own channels do the same)."""
+        pool = self._pool
+        while True:
+            with pool.lock:
+                if pool.closed or not self._subscribers:
+                    self._follower = None
+                    return
+                state = connectivity(pool.picker)
+                due = [entry for entry in self._subscribers if entry[1] is not state]
+                for entry in due:
+                    entry[1] = state
+            for callback, _ in due:
+                try:
+                    callback(state)
+                except Exception:
+                    log.exception("%s: a connectivity subscriber failed", pool.service)
+            with pool.lock:
+                pool.lock.wait(STATE_POLL)
 
     def instances(self) -> dict[str, str]:
-        """Each endpoint's instance id and state (connecting, ready, down): for
+        """Each endpoint's instance id and state (idle, connecting, ready, down): for
         diagnostics and tests."""
         with self._pool.lock:
-            return {inst_id: ep.state for inst_id, ep in self._pool.endpoints.items()}
+            return {inst_id: ep.state_name() for inst_id, ep in self._pool.endpoints.items()}
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until some instance is ready; False at the timeout."""
@@ -495,12 +452,17 @@ class DiscoveryChannel(grpc.Channel):
         """Call ``callback`` (on another thread) with the channel's connectivity now
         and on each change."""
         with self._pool.lock:
-            self._subscribers.append(callback)
-            threading.Thread(target=callback, args=(self._pool.state,), daemon=True).start()
+            self._subscribers.append([callback, None])
+            self._pool.lock.notify_all()
+            if self._follower is None and not self._pool.closed:
+                self._follower = threading.Thread(
+                    target=self._follow_state, name=f"discovery-connectivity:{self.service}", daemon=True
+                )
+                self._follower.start()
 
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
-        with self._pool.lock, contextlib.suppress(ValueError):
-            self._subscribers.remove(callback)
+        with self._pool.lock:
+            self._subscribers = [entry for entry in self._subscribers if entry[0] is not callback]
 
     def close(self) -> None:
         """Unsubscribe from the watch, close every endpoint. Idempotent."""
@@ -512,8 +474,9 @@ class DiscoveryChannel(grpc.Channel):
             endpoints = self._pool.close_all()
         for endpoint in endpoints:
             endpoint.channel.close()
-        self._pool.join(timeout=5.0)
-        self._subscribers.clear()
+        follower = self._follower
+        if follower is not None and follower is not threading.current_thread():
+            follower.join(timeout=1.0)
 
     def __enter__(self) -> Self:
         return self
