@@ -82,6 +82,17 @@ class Picker(Generic[C]):
         """Some endpoint is still connecting (its health not known yet)."""
         return any(ep.state() in (IDLE, CONNECTING) for ep in self.endpoints)
 
+    def carry(self, previous: Picker[C], gone: Sequence[Endpoint[C]]) -> None:
+        """Start from what ``previous`` knew was ready (less ``gone``), until it would
+        have looked again: a new picker per change reads no state it already has."""
+        ready = previous._ready
+        if gone:
+            left = set(gone)
+            ready = tuple(ep for ep in ready if ep not in left)
+        self._plan_state = self._plan(ready)
+        self._ready = ready
+        self._expires = previous._expires
+
     def _refresh(self) -> None:
         # connect=True: an endpoint that went IDLE (no call for a while) connects again.
         ready = tuple(ep for ep in self.endpoints if ep.state(True) == READY)

@@ -30,7 +30,9 @@ class Pool(Generic[C], abc.ABC):
     """The endpoints of one channel and the picker built from them.
 
     ``apply(snapshot)`` keeps endpoints whose instance stays (same id and target),
-    opens new ones and retires the rest (closed once their calls finish). A subclass
+    opens new ones and retires the rest (closed once their calls finish), touching
+    only instances that changed: backends hand unchanged instances on as the same
+    objects, so what changed is a set difference of object identities. A subclass
     supplies the I/O: opening and closing endpoint channels, and waking callers that
     wait for a usable picker.
     """
@@ -48,6 +50,7 @@ class Pool(Generic[C], abc.ABC):
         self.error: DiscoveryError | None = None  # the watch's last error while it fails
         self.picker: Picker[C] = self.policy(service, (), resolved=False)
         self.endpoints: dict[str, Endpoint[C]] = {}
+        self._held: dict[int, ServiceInstance] = {}  # the instances applied, by object identity
 
     @abc.abstractmethod
     def open(self, instance: ServiceInstance) -> C:
@@ -68,18 +71,24 @@ class Pool(Generic[C], abc.ABC):
             self.error = None
         selection = select(snapshot, self.panic_threshold)
         self._fail_open(selection.panicked, selection.healthy, selection.listed)
-        wanted = {inst.id: inst for inst in selection.instances}
+        held, self._held = self._held, dict(zip(map(id, selection.instances), selection.instances, strict=True))
+        arrived = [self._held[key] for key in self._held.keys() - held.keys()]  # new, or changed
+        arrived_ids = {inst.id for inst in arrived}
         gone = []
-        for instance_id, endpoint in list(self.endpoints.items()):
-            instance = wanted.get(instance_id)
-            if instance is None or instance.target != endpoint.instance.target:
+        for key in held.keys() - self._held.keys():
+            instance_id = held[key].id
+            if instance_id not in arrived_ids:  # left the set (a changed one arrived anew)
                 gone.append(self.endpoints.pop(instance_id))
-            else:
-                endpoint.instance = instance  # weight or meta may have changed
-        for instance_id, instance in wanted.items():
-            if instance_id not in self.endpoints:
-                self.endpoints[instance_id] = Endpoint(instance, self.open(instance))
-        self.rebuild()  # before closing anything, so no new pick lands on a closed endpoint
+        for instance in arrived:
+            endpoint = self.endpoints.get(instance.id)
+            if endpoint is not None and endpoint.instance.target == instance.target:
+                endpoint.instance = instance  # weight or meta changed
+                continue
+            if endpoint is not None:
+                gone.append(endpoint)  # moved to another address: a new connection
+            self.endpoints[instance.id] = Endpoint(instance, self.open(instance))
+        if arrived or gone or self.picker.resolving or self.picker.error is not self.error:
+            self.rebuild(gone)  # before closing anything, so no new pick lands on a closed endpoint
         for endpoint in gone:
             self._retire(endpoint)
 
@@ -103,14 +112,18 @@ class Pool(Generic[C], abc.ABC):
             self.error = error
             self.rebuild()
 
-    def rebuild(self) -> None:
+    def rebuild(self, gone: list[Endpoint[C]] | None = None) -> None:
+        """A new picker over the endpoints, trusting what the old one knew was ready
+        (except ``gone``): a change of one instance reads no other's state."""
+        previous = self.picker
         self.picker = self.policy(
             self.service,
-            list(self.endpoints.values()),
+            tuple(self.endpoints.values()),
             resolved=self.resolved,
             error=self.error,
             lone=not self.health_check,
         )
+        self.picker.carry(previous, gone or ())
         self.notify()
 
     def _retire(self, endpoint: Endpoint[C]) -> None:
