@@ -18,7 +18,7 @@ def test_spread_prints_every_placement_and_one_change_per_event() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    figures = r"max/mean ([\d.]+) \(worst [\d.]+\)  min/mean [\d.]+ \(worst [\d.]+\)"
+    figures = r"max/mean ([\d.]+) \(worst [\d.]+\)  min/mean [\d.]+ \(worst [\d.]+\)  above 1.5: \d+/2"
     ours = re.findall(rf"^\s+(\d+) (index|random)\s+{figures}  leave: (\d) changed, .*  join: (\d) changed", out, re.M)
     assert len(ours) == 4, out
     assert len(re.findall(rf"^\s+\d+ a68\s+{figures}$", out, re.M)) == 2, out
