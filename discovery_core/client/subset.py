@@ -44,8 +44,8 @@ from discovery_core.model import ServiceInstance, SnapshotDiff
 __all__ = ["DEFAULT_SUBSET_SIZE", "Position", "Ring", "check_subset_size", "subset"]
 
 #: Connections per client by default: A68's trade (fewer connections per server,
-#: outlier detection with enough traffic per endpoint) at the issue's suggested
-#: scale; with client indices it keeps the busiest instance within 1.5x the mean.
+#: enough traffic per endpoint to judge it by) at the scale issue 10 suggests; with
+#: client indices the busiest instance takes about 1.3x the mean (bench/spread.py).
 DEFAULT_SUBSET_SIZE = 100
 
 _BITS = 64
