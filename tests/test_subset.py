@@ -151,3 +151,9 @@ def test_removing_an_unknown_id_is_not_an_error() -> None:
     ring = Ring(instances(3))
     ring.remove("svc-99")
     assert len(ring) == 3
+
+
+def test_random_positions_are_fresh_and_on_the_ring() -> None:
+    drawn = [Position.random().point for _ in range(8)]
+    assert len(set(drawn)) == 8
+    assert all(0 <= point < 2**64 for point in drawn)

@@ -133,5 +133,5 @@ class Ring:
 
 
 def subset(instances: Sequence[ServiceInstance], size: int | None, position: Position) -> tuple[ServiceInstance, ...]:
-    """The instances of one client at ``position`` keeps: ``Ring(instances).subset(...)``."""
+    """The instances a client at ``position`` keeps: ``Ring(instances).subset(...)``."""
     return Ring(instances).subset(size, position)
