@@ -408,3 +408,22 @@ def test_unreachable_endpoints_cost_no_thread_and_take_no_call(
         assert not [r for r in caplog.records if "retrying" in r.getMessage()]
         new = sorted(t.name for t in threading.enumerate() if t.name not in baseline)
         assert len(new) <= 3, f"threads grow with endpoints: {new}"  # the watch, grpc's own
+
+
+def test_a_channel_keeps_a_subset_and_a_leaving_member_is_replaced_by_one(backend: dc.Backend) -> None:
+    instances = [dc.ServiceInstance("big", "127.0.0.1", port) for port in unused_ports(30)]
+    for instance in instances:
+        backend.register(instance, keepalive=False)
+    with dc.discovery_channel(backend, "big", subset_size=5, client_index=3) as channel:
+        assert wait_until(lambda: len(channel.instances()) == 5, timeout=10)
+        before = set(channel.instances())
+        backend.deregister(next(iter(before)))
+        assert wait_until(lambda: set(channel.instances()) != before, timeout=10)
+        after = set(channel.instances())
+        assert len(after) == 5
+        assert len(after - before) == 1
+    with dc.discovery_channel(backend, "big", subset_size=None) as channel:
+        assert wait_until(lambda: len(channel.instances()) == 29, timeout=10)
+    for bad in ({"subset_size": 0}, {"client_index": -1}):
+        with pytest.raises(dc.InvalidConfig, match=next(iter(bad))):
+            dc.discovery_channel(backend, "big", **bad)  # type: ignore[arg-type]

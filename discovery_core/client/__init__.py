@@ -5,6 +5,7 @@
 - ``picker``: the policies; a picker per change of the set, ``pick()`` per call.
 - ``pool``: the endpoints of one channel, kept by instance id, and its picker.
 - ``select``: which listed instances get endpoints (fail-open).
+- ``subset``: which of those this client connects to (a shared ring, A68-like).
 - ``retry``: which failed calls run again, and one call's attempts.
 - ``errors``: the status a call gets when no instance takes it.
 - ``base``: what the sync and aio channels share above the pool.

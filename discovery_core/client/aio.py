@@ -25,6 +25,7 @@ from discovery_core.client.picker import Picker
 from discovery_core.client.pool import Pool
 from discovery_core.client.retry import Attempts, RetryPolicy
 from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
+from discovery_core.client.subset import DEFAULT_SUBSET_SIZE
 from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
 from discovery_core.watcher import Watch, Watcher
@@ -44,10 +45,15 @@ class _AioPool(Pool[grpc.aio.Channel]):
         *,
         health_check: bool,
         panic_threshold: float,
+        subset_size: int | None,
+        client_index: int | None,
         credentials: grpc.ChannelCredentials | None,
         options: Sequence[tuple[str, Any]],
     ) -> None:
-        super().__init__(service, policy, health_check=health_check, panic_threshold=panic_threshold)
+        super().__init__(
+            service, policy, health_check=health_check, panic_threshold=panic_threshold,
+            subset_size=subset_size, client_index=client_index,
+        )  # fmt: skip
         self._credentials = credentials
         self._options = list(options)
         self._changed = asyncio.Event()
@@ -425,6 +431,8 @@ def discovery_channel(
     retry: RetryPolicy | None = None,
     health_check: bool = True,
     panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
+    subset_size: int | None = DEFAULT_SUBSET_SIZE,
+    client_index: int | None = None,
     tags: tuple[str, ...] = (),
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
@@ -432,7 +440,7 @@ def discovery_channel(
     """``discovery_core.discovery_channel`` for asyncio; call it inside the event loop."""
     pool = _AioPool(
         service, policy, health_check=health_check, panic_threshold=panic_threshold,
-        credentials=credentials, options=options,
+        subset_size=subset_size, client_index=client_index, credentials=credentials, options=options,
     )  # fmt: skip
     # Every listed instance with its health: the pool chooses (and fails open).
     watch = watcher.watch(service, passing_only=False, tags=tags)

@@ -18,6 +18,7 @@ from typing import Generic
 from discovery_core.client.endpoint import C, Endpoint
 from discovery_core.client.picker import Picker, policy_class
 from discovery_core.client.select import check_threshold, select
+from discovery_core.client.subset import Position, Ring, check_subset_size
 from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
 
@@ -26,22 +27,49 @@ __all__ = ["Pool"]
 log = logging.getLogger("discovery_core.channel")
 
 
+def _changes(
+    held: dict[int, ServiceInstance], instances: tuple[ServiceInstance, ...]
+) -> tuple[dict[int, ServiceInstance], list[ServiceInstance], list[ServiceInstance]]:
+    """From ``held`` to ``instances`` by object identity (backends hand unchanged
+    instances on as the same objects): the new ``held``, the instances that arrived
+    (new, or changed), and those that left (no instance of their id arrived)."""
+    now = dict(zip(map(id, instances), instances, strict=True))
+    arrived = [now[key] for key in now.keys() - held.keys()]
+    arrived_ids = {instance.id for instance in arrived}
+    left = [held[key] for key in held.keys() - now.keys() if held[key].id not in arrived_ids]
+    return now, arrived, left
+
+
 class Pool(Generic[C], abc.ABC):
     """The endpoints of one channel and the picker built from them.
 
-    ``apply(snapshot)`` keeps endpoints whose instance stays (same id and target),
-    opens new ones and retires the rest (closed once their calls finish), touching
-    only instances that changed: backends hand unchanged instances on as the same
-    objects, so what changed is a set difference of object identities. A subclass
+    ``apply(snapshot)`` chooses the instances (``select``: the healthy ones, or all
+    listed when failing open; then this client's subset of them, ``subset``), keeps
+    endpoints whose instance stays (same id and target), opens new ones and retires
+    the rest (closed once their calls finish), touching only instances that changed.
+    A subclass
     supplies the I/O: opening and closing endpoint channels, and waking callers that
     wait for a usable picker.
     """
 
-    def __init__(self, service: str, policy: str, *, health_check: bool, panic_threshold: float) -> None:
+    def __init__(
+        self,
+        service: str,
+        policy: str,
+        *,
+        health_check: bool,
+        panic_threshold: float,
+        subset_size: int | None,
+        client_index: int | None,
+    ) -> None:
         self.service = service
         self.policy = policy_class(policy)
         self.health_check = health_check
         self.panic_threshold = check_threshold(panic_threshold)
+        self.subset_size = check_subset_size(subset_size)
+        self.position = Position.random() if client_index is None else Position.of_index(client_index)
+        self._ring = Ring()  # the selected instances, when the channel keeps a subset of them
+        self._selected: dict[int, ServiceInstance] = {}  # what the ring holds, by object identity
         #: Wall time since when the registry's healthy set is below the panic threshold
         #: and the channel keeps its critical instances (None: not failing open).
         self.fail_open_since: float | None = None
@@ -71,14 +99,16 @@ class Pool(Generic[C], abc.ABC):
             self.error = None
         selection = select(snapshot, self.panic_threshold)
         self._fail_open(selection.panicked, selection.healthy, selection.listed)
-        held, self._held = self._held, dict(zip(map(id, selection.instances), selection.instances, strict=True))
-        arrived = [self._held[key] for key in self._held.keys() - held.keys()]  # new, or changed
-        arrived_ids = {inst.id for inst in arrived}
-        gone = []
-        for key in held.keys() - self._held.keys():
-            instance_id = held[key].id
-            if instance_id not in arrived_ids:  # left the set (a changed one arrived anew)
-                gone.append(self.endpoints.pop(instance_id))
+        chosen = selection.instances
+        if self.subset_size is not None:
+            self._selected, arrived, left = _changes(self._selected, chosen)
+            for instance in left:
+                self._ring.remove(instance.id)
+            for instance in arrived:
+                self._ring.add(instance)
+            chosen = self._ring.subset(self.subset_size, self.position)
+        self._held, arrived, left = _changes(self._held, chosen)
+        gone = [self.endpoints.pop(instance.id) for instance in left]
         for instance in arrived:
             endpoint = self.endpoints.get(instance.id)
             if endpoint is not None and endpoint.instance.target == instance.target:

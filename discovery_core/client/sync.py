@@ -39,6 +39,7 @@ from discovery_core.client.picker import Picker, Policy
 from discovery_core.client.pool import Pool
 from discovery_core.client.retry import Attempts, RetryPolicy
 from discovery_core.client.select import DEFAULT_PANIC_THRESHOLD
+from discovery_core.client.subset import DEFAULT_SUBSET_SIZE
 from discovery_core.errors import DiscoveryError
 from discovery_core.model import ServiceInstance, Snapshot
 from discovery_core.watcher import Watch, Watcher
@@ -58,10 +59,15 @@ class _SyncPool(Pool[grpc.Channel]):
         *,
         health_check: bool,
         panic_threshold: float,
+        subset_size: int | None,
+        client_index: int | None,
         credentials: grpc.ChannelCredentials | None,
         options: Sequence[tuple[str, Any]],
     ) -> None:
-        super().__init__(service, policy, health_check=health_check, panic_threshold=panic_threshold)
+        super().__init__(
+            service, policy, health_check=health_check, panic_threshold=panic_threshold,
+            subset_size=subset_size, client_index=client_index,
+        )  # fmt: skip
         self.lock = threading.Condition(threading.Lock())
         self._credentials = credentials
         self._options = list(options)
@@ -499,6 +505,8 @@ def discovery_channel(
     retry: RetryPolicy | None = None,
     health_check: bool = True,
     panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
+    subset_size: int | None = DEFAULT_SUBSET_SIZE,
+    client_index: int | None = None,
     tags: tuple[str, ...] = (),
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
@@ -513,6 +521,10 @@ def discovery_channel(
     when fewer than this fraction of the instances the registry lists are healthy (a
     failed or partitioned agent, not a drain: drained instances leave the list), keep
     calling the listed ones while their own health stream says SERVING (0: never).
+    ``subset_size``: connect to at most this many instances (None: all), a subset
+    chosen per client so a fleet of clients spreads evenly and an instance coming or
+    going changes one member; ``client_index`` (the client's number in its fleet,
+    0, 1, 2, ...) spreads a fleet more evenly than the default random place.
     A call waits within its deadline for the watch's first snapshot and for a new
     instance's health to be known. With no instance it fails at once with
     UNAVAILABLE naming the service (and the watch's error when the watch fails), or
@@ -520,7 +532,7 @@ def discovery_channel(
     """
     pool = _SyncPool(
         service, policy, health_check=health_check, panic_threshold=panic_threshold,
-        credentials=credentials, options=options,
+        subset_size=subset_size, client_index=client_index, credentials=credentials, options=options,
     )  # fmt: skip
     # Every listed instance with its health: the pool chooses (and fails open).
     watch = watcher.watch(service, passing_only=False, tags=tags)
