@@ -8,12 +8,14 @@ backend we ship), so an instance valid here is valid everywhere.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import ipaddress
 import math
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from types import MappingProxyType
 
@@ -43,6 +45,7 @@ _MAX_META = 64
 _MAX_META_VALUE = 512
 _MAX_SECONDS = 7 * 24 * 3600.0
 _MAX_WEIGHT = 65535
+_BY_ID = operator.attrgetter("id")
 
 
 class HealthStatus(enum.StrEnum):
@@ -262,7 +265,7 @@ class ServiceInstance:
             (self.id, self.name, self.address, self.port, self.tags, tuple(self.meta.items()), self.weight, self.check)
         )
 
-    @property
+    @functools.cached_property
     def target(self) -> str:
         """``host:port`` as gRPC dials it (IPv6 literals bracketed)."""
         host = f"[{self.address}]" if ":" in self.address else self.address
@@ -286,9 +289,10 @@ class Snapshot:
     """The whole set of a service's instances at one moment, never a delta.
 
     ``instances`` is sorted by id. ``health`` maps each instance id to its status
-    (ids it does not name are passing). ``index`` grows with every change a watch
-    delivers. ``stale`` is True while the backend is unreachable and this is the last
-    set known good. An empty snapshot is a real state: the service has no instance.
+    (ids it does not name are passing), in the order it was given. ``index`` grows
+    with every change a watch delivers. ``stale`` is True while the backend is
+    unreachable and this is the last set known good. An empty snapshot is a real
+    state: the service has no instance.
     """
 
     service: str
@@ -299,15 +303,36 @@ class Snapshot:
     health: Mapping[str, HealthStatus] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "instances", tuple(sorted(self.instances, key=lambda inst: inst.id)))
-        object.__setattr__(self, "health", MappingProxyType(dict(sorted(self.health.items()))))
+        # Sorted once: input already sorted by id (what backends build, what a watch
+        # hands on) is checked, not sorted again.
+        instances = tuple(self.instances)
+        ids = [inst.id for inst in instances]
+        if ids != sorted(ids):
+            instances = tuple(sorted(instances, key=_BY_ID))
+        object.__setattr__(self, "instances", instances)
+        # A dict's own copy runs at C speed whatever its history (dict() does not).
+        health = self.health
+        copied = health.copy() if isinstance(health, dict | MappingProxyType) else None
+        object.__setattr__(self, "health", MappingProxyType(copied if type(copied) is dict else dict(health)))
 
     def __hash__(self) -> int:
-        return hash((self.service, self.instances, self.index, self.stale, tuple(self.health.items())))
+        return hash((self.service, self.instances, self.index, self.stale))
+
+    def _restamped(self, *, index: int, stale: bool) -> Snapshot:
+        """This snapshot under another index and staleness, sharing its instances,
+        health and cached lookups: ``dataclasses.replace`` without validating, sorting
+        and copying again (a watch restamps every snapshot it delivers)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__, index=index, stale=stale)
+        return copy
 
     @functools.cached_property
     def _ids(self) -> frozenset[str]:
-        return frozenset(inst.id for inst in self.instances)
+        return frozenset([inst.id for inst in self.instances])
+
+    @functools.cached_property
+    def _health_columns(self) -> tuple[list[str], list[HealthStatus]]:
+        return list(self.health), list(self.health.values())
 
     def status(self, instance_id: str) -> HealthStatus:
         """The health of one instance of this snapshot; ``KeyError`` for an id it
@@ -318,23 +343,72 @@ class Snapshot:
 
     def same_content(self, other: Snapshot | None) -> bool:
         """Same instances in the same health, whatever the index and staleness."""
-        return other is not None and self.instances == other.instances and self._states() == other._states()
+        return other is not None and self.instances == other.instances and not self._health_changes(other)
 
     def diff(self, previous: Snapshot | None) -> SnapshotDiff:
-        """Instances added, removed, and changed (fields or health) since ``previous``."""
-        before = {inst.id: inst for inst in previous.instances} if previous else {}
-        after = {inst.id: inst for inst in self.instances}
-        changed = tuple(
-            inst
-            for inst_id, inst in after.items()
-            if inst_id in before
-            and (before[inst_id] != inst or (previous is not None and previous.status(inst_id) != self.status(inst_id)))
-        )
+        """Instances added, removed, and changed (fields or health) since ``previous``.
+
+        Its cost follows what changed: what the two snapshots share at either end of
+        their sorted instances (the very same objects, as backends and watches hand
+        them on) is skipped at C speed; only what lies between is compared by id."""
+        if previous is None:
+            return SnapshotDiff(added=self.instances, removed=(), changed=())
+        head, tail = _common_ends((previous.instances, self.instances))
+        before = {inst.id: inst for inst in previous.instances[head : len(previous.instances) - tail]}
+        after = {inst.id: inst for inst in self.instances[head : len(self.instances) - tail]}
+        changed = {inst_id for inst_id, inst in after.items() if inst_id in before and before[inst_id] != inst}
+        changed.update(self._health_changes(previous))
         return SnapshotDiff(
-            added=tuple(inst for inst_id, inst in after.items() if inst_id not in before),
-            removed=tuple(inst for inst_id, inst in before.items() if inst_id not in after),
-            changed=changed,
+            added=tuple(after[inst_id] for inst_id in sorted(after.keys() - before.keys())),
+            removed=tuple(before[inst_id] for inst_id in sorted(before.keys() - after.keys())),
+            changed=tuple(inst for inst_id in sorted(changed) if (inst := self._instance(inst_id)) is not None),
         )
 
-    def _states(self) -> tuple[tuple[str, HealthStatus], ...]:
-        return tuple((inst.id, self.status(inst.id)) for inst in self.instances)
+    def _instance(self, instance_id: str) -> ServiceInstance | None:
+        """The instance of this id, by bisection (they are sorted); None if none."""
+        at = bisect.bisect_left(self.instances, instance_id, key=_BY_ID)
+        found = self.instances[at] if at < len(self.instances) else None
+        return found if found is not None and found.id == instance_id else None
+
+    def _health_changes(self, other: Snapshot) -> set[str]:
+        """Ids of instances both snapshots hold whose health differs: only the
+        entries between the two healths' common ends are looked at."""
+        if self.health == other.health:
+            return set()
+        (mine, my_states), (theirs, their_states) = self._health_columns, other._health_columns
+        head, tail = _common_ends((mine, theirs), (my_states, their_states))
+        suspects = {*mine[head : len(mine) - tail], *theirs[head : len(theirs) - tail]}
+        passing = HealthStatus.PASSING
+        return {
+            inst_id
+            for inst_id in suspects
+            if self.health.get(inst_id, passing) != other.health.get(inst_id, passing)
+            and self._instance(inst_id) is not None
+            and other._instance(inst_id) is not None
+        }
+
+
+def _common_ends(*pairs: tuple[Sequence[object], Sequence[object]]) -> tuple[int, int]:
+    """How many positions from the start, and then from the end, hold equal items in
+    each pair of sequences (aligned rows, a sequence per column)."""
+    head = min(_common_run(a, b, 0, 1) for a, b in pairs)
+    tail = min(_common_run(a, b, head, -1) for a, b in pairs)
+    return head, tail
+
+
+def _common_run(a: Sequence[object], b: Sequence[object], skip: int, step: int) -> int:
+    """How many items are equal in both from the start (``step`` 1) or from the end
+    (-1), not counting the first ``skip`` of either. By halving: slices are compared
+    in C (identity first), so sequences sharing their items cost a few C passes."""
+    low, high = 0, min(len(a), len(b)) - skip
+    while low < high:  # ``low`` items are equal; no more than ``high`` are
+        middle = (low + high + 1) // 2
+        if step > 0:
+            equal = a[low:middle] == b[low:middle]
+        else:
+            equal = a[len(a) - middle : len(a) - low] == b[len(b) - middle : len(b) - low]
+        if equal:
+            low = middle
+        else:
+            high = middle - 1
+    return low

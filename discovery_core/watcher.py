@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import dataclasses
 import itertools
 import logging
 import random
@@ -267,9 +266,9 @@ class Feed:
         if current is not None and not current.stale and snapshot.same_content(current):
             return False
         index = snapshot.index if current is None else max(snapshot.index, current.index + 1)
-        self._publish(dataclasses.replace(snapshot, index=index, stale=False))
+        self._publish(snapshot._restamped(index=index, stale=False))
         if current is not None:
-            gone = {i.id for i in current.instances}.difference(i.id for i in snapshot.instances)
+            gone = [inst.id for inst in snapshot.diff(current).removed]
             if gone:
                 self.watcher._feed_noticed(gone=gone)
         return True
@@ -281,7 +280,7 @@ class Feed:
             self.error = error
             current = self.current
             if current is not None and not current.stale:
-                self._publish(dataclasses.replace(current, stale=True))
+                self._publish(current._restamped(index=current.index, stale=True))
             for on_error in list(self._error_subscribers.values()):
                 self._call(on_error, error)
 

@@ -97,3 +97,75 @@ def test_status_of_an_id_the_snapshot_does_not_hold_is_a_key_error() -> None:
     assert snapshot.status(down.id) is dc.HealthStatus.CRITICAL
     with pytest.raises(KeyError):
         snapshot.status("no-such-id")
+
+
+def _naive_diff(after: dc.Snapshot, before: dc.Snapshot) -> tuple[set[str], set[str], set[str]]:
+    """Added, removed and changed ids by definition: field by field, status by status."""
+    was = {inst.id: inst for inst in before.instances}
+    now = {inst.id: inst for inst in after.instances}
+    changed = {i for i in now.keys() & was.keys() if now[i] != was[i] or after.status(i) != before.status(i)}
+    return now.keys() - was.keys(), was.keys() - now.keys(), changed
+
+
+statuses = st.sampled_from([None, *dc.HealthStatus])  # None: not named in health (passing)
+
+
+@st.composite
+def snapshot_pairs(draw: st.DrawFn) -> tuple[dc.Snapshot, dc.Snapshot]:
+    """Two snapshots of overlapping ids whose instances are shared objects, equal
+    rebuilt ones or changed ones, in any health (named or not)."""
+    ids = draw(st.lists(st.sampled_from([f"i{n:02d}" for n in range(40)]), unique=True, max_size=40))
+    before, after = [], []
+    health_before: dict[str, dc.HealthStatus] = {}
+    health_after: dict[str, dc.HealthStatus] = {}
+    for inst_id in ids:
+        inst = dc.ServiceInstance("add", "127.0.0.1", 1, id=inst_id)
+        where = draw(st.sampled_from(["before", "after", "shared", "rebuilt", "changed"]))
+        if where != "after":
+            before.append(inst)
+        if where in ("after", "shared"):
+            after.append(inst)
+        elif where in ("rebuilt", "changed"):
+            after.append(dc.ServiceInstance("add", "127.0.0.1", 2 if where == "changed" else 1, id=inst_id))
+        for health in (health_before, health_after):
+            status = draw(statuses)
+            if status is not None:
+                health[inst_id] = status
+    order = draw(st.permutations(range(len(after))))
+    return (
+        dc.Snapshot("add", tuple(before), health=health_before),
+        dc.Snapshot("add", tuple(after[k] for k in order), health=health_after),
+    )
+
+
+@given(pair=snapshot_pairs())
+def test_diff_and_same_content_agree_with_the_definition(pair: tuple[dc.Snapshot, dc.Snapshot]) -> None:
+    before, after = pair
+    diff = after.diff(before)
+    added, removed, changed = _naive_diff(after, before)
+    assert [i.id for i in diff.added] == sorted(added)
+    assert [i.id for i in diff.removed] == sorted(removed)
+    assert [i.id for i in diff.changed] == sorted(changed)
+    same = after.instances == before.instances and all(
+        after.status(i.id) == before.status(i.id) for i in after.instances
+    )
+    assert after.same_content(before) is same
+
+
+def test_snapshots_sort_once_and_restamping_shares_what_they_hold() -> None:
+    a, b = (dc.ServiceInstance("add", "127.0.0.1", 1, id=i) for i in "ab")
+    snapshot = dc.Snapshot("add", (b, a), health={"b": dc.HealthStatus.WARNING, "a": dc.HealthStatus.PASSING})
+    assert snapshot.instances == (a, b)
+    again = dc.Snapshot("add", snapshot.instances, health=snapshot.health)
+    assert again.instances is snapshot.instances  # sorted input is taken as it is
+    restamped = snapshot._restamped(index=7, stale=True)
+    assert (restamped.index, restamped.stale) == (7, True)
+    assert restamped.instances is snapshot.instances
+    assert restamped.same_content(snapshot)
+    assert restamped == dataclasses.replace(snapshot, index=7, stale=True)
+    assert restamped.status("b") is dc.HealthStatus.WARNING
+
+
+def test_target_is_computed_once() -> None:
+    inst = dc.ServiceInstance("add", "::1", 50051)
+    assert inst.target is inst.target

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Self
 
 from discovery_consul._client import ConsulClient, HealthResult, Settings
+from discovery_consul._decode import Decoder
 from discovery_consul._shared import Detector, Fingerprints, Read, SharedFeeds, Watched
 from discovery_core import (
     Backend,
     Check,
     Feed,
     GrpcCheck,
-    HealthStatus,
     HttpCheck,
     InvalidConfig,
     InvalidInstance,
@@ -50,7 +50,6 @@ log.addHandler(logging.NullHandler())  # a library prints nothing by itself
 
 _DEFAULT_ADDRESS = "127.0.0.1:8500"
 _MAX_WAIT = 600.0  # Consul caps a blocking query's wait at 10 minutes
-_SEVERITY = {HealthStatus.PASSING: 0, HealthStatus.WARNING: 1, HealthStatus.CRITICAL: 2}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|s|m)?\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _CONTROL = 2  # connections kept for writes and one-shot reads
@@ -183,6 +182,10 @@ class ConsulBackend(Backend):
         )
         self._shared = SharedFeeds(detectors, self._read, self.wait)
         self._node: tuple[str, str] | None = None  # the agent's (name, id), read again after a loss
+        # The decoder of each watched query (a feed stopping while its successor
+        # starts shares it: counted).
+        self._decoders: dict[Query, tuple[int, Decoder]] = {}
+        self._decoders_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -260,7 +263,10 @@ class ConsulBackend(Backend):
 
     def start_feed(self, feed: Feed) -> None:
         """A blocking query of its own while the direct share lasts, else the shared
-        change detector."""
+        change detector; and a decoder for the query's answers while it is watched."""
+        with self._decoders_lock:
+            refs, decoder = self._decoders.get(feed.query, (0, None))
+            self._decoders[feed.query] = (refs + 1, decoder or Decoder(feed.query))
         if self._direct is not None and self._direct.acquire(blocking=False):
             feed.poll_in_thread(on_exit=self._direct.release)
         else:
@@ -268,6 +274,10 @@ class ConsulBackend(Backend):
 
     def stop_feed(self, feed: Feed) -> None:
         self._shared.remove(feed)
+        with self._decoders_lock:
+            refs, decoder = self._decoders.pop(feed.query, (1, None))
+            if refs > 1 and decoder is not None:
+                self._decoders[feed.query] = (refs - 1, decoder)
 
     def poll(self, query: Query, index: int, stop: Stop) -> Snapshot:
         self._check_open()
@@ -336,25 +346,12 @@ class ConsulBackend(Backend):
         }
         return returned, fingerprints, {}
 
-    @staticmethod
-    def _snapshot(query: Query, result: HealthResult) -> Read:
-        """A health answer as a snapshot, the nodes its instances run on, and whether
-        one of them (or none at all) has no check of its own."""
-        instances: list[ServiceInstance] = []
-        health: dict[str, HealthStatus] = {}
-        nodes: set[str] = set()
-        unchecked = not result.entries
-        for entry in result.entries:
-            instance = _instance(entry)
-            if instance is None or instance.name != query.service:
-                continue
-            instances.append(instance)
-            checks = entry.get("Checks") or []
-            health[instance.id] = _worst(checks)
-            nodes.add(str((entry.get("Node") or {}).get("Node", "")))
-            unchecked |= not any(check.get("ServiceID") == instance.id for check in checks)
-        snapshot = Snapshot(query.service, tuple(instances), index=result.index, health=health)
-        return Read(snapshot, frozenset(nodes), unchecked)
+    def _snapshot(self, query: Query, result: HealthResult) -> Read:
+        """The answer decoded by the query's decoder while it is watched (it reuses
+        the instances of the last answer), else by a new one."""
+        with self._decoders_lock:
+            held = self._decoders.get(query)
+        return (held[1] if held is not None else Decoder(query)).read(result)
 
     def _close_resources(self) -> None:
         self._shared.close(timeout=0.1)  # first: its threads then take a closed client quietly
@@ -465,28 +462,7 @@ def _check_definition(instance: ServiceInstance, check: Check) -> dict[str, Any]
     return definition
 
 
-# -- snapshots ------------------------------------------------------------------------
-
-
-def _instance(entry: Mapping[str, Any]) -> ServiceInstance | None:
-    """A health entry as a ServiceInstance (``check=None``), or None if it is not one
-    this API can hold (registered by another tool with, say, a repeated tag)."""
-    service = entry.get("Service") or {}
-    node = entry.get("Node") or {}
-    weights = service.get("Weights") or {}
-    try:
-        return ServiceInstance(
-            service.get("Service", ""),
-            service.get("Address") or node.get("Address", ""),
-            service.get("Port", 0),
-            id=service.get("ID", ""),
-            tags=tuple(service.get("Tags") or ()),
-            meta=service.get("Meta") or {},
-            weight=weights.get("Passing") or 1,
-        )
-    except (InvalidInstance, TypeError) as exc:
-        log.warning("skipping Consul service %r: %s", service.get("ID"), exc)
-        return None
+# -- what the agent holds -------------------------------------------------------------
 
 
 def _as_written(service: Mapping[str, Any] | None, instance: ServiceInstance) -> bool:
@@ -503,16 +479,3 @@ def _as_written(service: Mapping[str, Any] | None, instance: ServiceInstance) ->
         and dict(service.get("Meta") or {}) == dict(instance.meta)
         and weights.get("Passing", 1) == instance.weight
     )
-
-
-def _worst(checks: list[Mapping[str, Any]]) -> HealthStatus:
-    """An entry's health: its worst check (critical > warning > passing)."""
-    worst = HealthStatus.PASSING
-    for check in checks:
-        try:
-            status = HealthStatus(str(check.get("Status")))
-        except ValueError:
-            status = HealthStatus.CRITICAL  # "maintenance" and anything unknown
-        if _SEVERITY[status] > _SEVERITY[worst]:
-            worst = status
-    return worst
