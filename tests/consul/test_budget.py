@@ -153,25 +153,26 @@ def test_watch_and_channel_cycles_leave_nothing_behind(
 
 
 def test_closing_returns_within_a_second_when_the_agent_does_not_answer(dev_agent: DevAgent) -> None:
+    # Closed again on the way out (a no-op once closed): a failed assertion must not
+    # leave the backend retrying toward the agent's port for a later test's agent.
     backend = dc.connect(f"consul://{dev_agent.address}?max_connections=8&timeout=5")
-    fleet = Fleet(backend)
-    fleet.start()
-    watches = [backend.watch(f"quiet-{n}") for n in range(6)]  # 3 direct, 3 shared
-    for watch in watches:
-        watch.wait(timeout=10)
-    channel = dc.discovery_channel(backend, "add")
-    assert channel.wait_ready(10)
-    assert add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=2), timeout=10).v == 3
-    with dev_agent.paused():
-        started = time.monotonic()
-        channel.close()
+    with backend, contextlib.closing(Fleet(backend)) as fleet:
+        fleet.start()
+        watches = [backend.watch(f"quiet-{n}") for n in range(6)]  # 3 direct, 3 shared
         for watch in watches:
-            watch.close()
-        assert time.monotonic() - started < 1.0
-        started = time.monotonic()
-        backend.close()
-        assert time.monotonic() - started < 1.0
-        fleet.close()
+            watch.wait(timeout=10)
+        channel = dc.discovery_channel(backend, "add")
+        assert channel.wait_ready(10)
+        assert add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=2), timeout=10).v == 3
+        with dev_agent.paused():
+            started = time.monotonic()
+            channel.close()
+            for watch in watches:
+                watch.close()
+            assert time.monotonic() - started < 1.0
+            started = time.monotonic()
+            backend.close()
+            assert time.monotonic() - started < 1.0
 
 
 def test_a_query_that_connects_after_its_client_closed_is_cut(consul_agent: Any) -> None:
