@@ -76,22 +76,24 @@ class _Answer(NamedTuple):
 class _HTTPConnection(urllib3.connection.HTTPConnection):
     """urllib3's connection, asked a GET whose answer is read as http.client reads
     it (urllib3's HTTPResponse costs about 80 us per answer), and cut short by
-    shutting the socket down when ``stop`` is set."""
+    shutting the socket down when any of ``stops`` is set."""
 
-    def ask(self, url: str, headers: Mapping[str, str], timeout: float, stop: Stop | None) -> _Answer:
+    def ask(self, url: str, headers: Mapping[str, str], timeout: float, stops: tuple[Stop, ...]) -> _Answer:
         self.timeout = timeout  # connect, send and read
         self.request("GET", url, headers=headers)
         sock = self.sock
         if sock is None:  # cannot be after a request; typing says it could
             raise http.client.NotConnected()
-        remove = stop.on_set(lambda: _shutdown(sock)) if stop is not None else None
+        # Registered once the socket exists: a stop set before runs at once, so a
+        # query that connected after its client closed is cut too.
+        removers = [stop.on_set(lambda: _shutdown(sock)) for stop in stops]
         try:
             self._response_options = None  # urllib3's getresponse is not used
             sock.settimeout(timeout)
             response = http.client.HTTPConnection.getresponse(self)
             return _Answer(response.status, response.msg, response.read())
         finally:
-            if remove is not None:
+            for remove in removers:
                 remove()
 
 
@@ -109,30 +111,28 @@ class _Connections:
         self._settings = settings
         self._slots = threading.BoundedSemaphore(limit)
         self._idle: list[_HTTPConnection] = []
-        self._busy: set[_HTTPConnection] = set()
         self._lock = threading.Lock()
-        self._closed = False
+        #: Set on close: cuts every query in flight, and any that connects afterwards.
+        self.closing = Stop()
 
     def take(self) -> _HTTPConnection:
         """A connection, waiting up to the request timeout for one to be free."""
         if not self._slots.acquire(timeout=self._settings.timeout):
             raise TimeoutError("every connection of the budget stayed busy")
         with self._lock:
-            if self._closed:
+            if self.closing.is_set():
                 self._slots.release()
                 raise ConnectionAbortedError("the client is closed")
             conn = self._idle.pop() if self._idle else None
             if conn is None:
                 conn = self._new()
-            self._busy.add(conn)
         if not conn.is_connected:  # the agent closed it (a restart, an idle timeout)
             conn.close()  # the next request connects again
         return conn
 
     def give(self, conn: _HTTPConnection, *, reuse: bool = True) -> None:
         with self._lock:
-            self._busy.discard(conn)
-            keep = reuse and not self._closed
+            keep = reuse and not self.closing.is_set()
             if keep:
                 self._idle.append(conn)
         if not keep:
@@ -142,15 +142,11 @@ class _Connections:
     def close(self) -> None:
         """Close idle connections and cut those in use short (their readers see the
         connection end; the agent ends the query when its wait runs out)."""
-        with self._lock:
-            self._closed = True
+        with self._lock:  # no connection goes idle after this
+            self.closing.set()
             idle, self._idle = self._idle, []
-            busy = list(self._busy)
         for conn in idle:
             conn.close()
-        for conn in busy:
-            if conn.sock is not None:
-                _shutdown(conn.sock)
 
     def _new(self) -> _HTTPConnection:
         """A connection with the TLS settings requests gives its own: the CA file, else
@@ -351,7 +347,8 @@ class ConsulClient:
             except OSError as exc:
                 self._translate(exc)
             try:
-                status, headers, body = conn.ask(url, self._headers, self._timeout(params), stop)
+                stops = (self._connections.closing,) if stop is None else (self._connections.closing, stop)
+                status, headers, body = conn.ask(url, self._headers, self._timeout(params), stops)
             except _STALE_KEEPALIVE as exc:
                 # The agent closed an idle keep-alive connection as we reused it: the
                 # request never reached it, so ask once more on a fresh one.

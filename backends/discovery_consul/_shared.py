@@ -26,6 +26,15 @@ whatever their number:
   same id), and every service once per ``wait`` period, for what neither detector
   shows (a changed address or meta).
 
+A read sent before a detector's answer arrived may predate a change that answer
+already holds, and the next answer, compared with it, would not show that change
+again. So an answer with nothing to compare with (a detector's first, or the first
+for a service watched since its query was sent) has every service it could not
+compare read again, unless read since it arrived. At start-up the reader waits for
+both detectors' first answers (one round trip) before its first reads, so each
+service is read once; and an answer whose index did not move (its wait ran out)
+holds no change at all, so it reads nothing.
+
 Consul's cost: a request per detector per change anywhere in the datacenter (each
 answer holds only what concerns the watched services), a read per change of a watched
 service (two: the follow-up), and at idle a request per detector and a read per feed
@@ -104,6 +113,7 @@ class SharedFeeds:
         self._planned: dict[str, float] = {}  # service -> its one planned read (older heap entries are void)
         self._read_at: dict[str, float] = {}  # service -> when its last read was sent (monotonic)
         self._now: set[str] = set()  # services to read at once
+        self._unanswered = {d.name for d in self._detectors}  # first reads wait for these detectors' first answers
         self._seq = 0
         self._stop = Stop()
         self._threads: list[threading.Thread] = []
@@ -180,6 +190,7 @@ class SharedFeeds:
             except DiscoveryError as exc:
                 if self._stop.is_set():
                     return
+                self._answered(detector)  # the reads fail on their own now
                 if not outage:
                     log.warning("Consul %s detector: %s; retrying", detector.name, exc)
                 outage, index, known = True, 0, None
@@ -192,23 +203,37 @@ class SharedFeeds:
             if outage:
                 log.info("Consul %s detector: the agent answers again", detector.name)
                 outage, delay = False, _RETRY_BASE
-            if known is None:
-                # Nothing to compare with: read what no read sent after this answer
-                # arrived will show (the answer may hold a change an earlier read missed).
-                with self._lock:
-                    changed = {name for name in services if self._read_at.get(name, -1.0) < received}
+            if known is not None and returned == index:
+                changed: set[str] = set()  # its wait ran out: nothing it watches changed
             else:
-                changed = _changed(services, known, by_service)
-            changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
-            # Services watched since this query was sent were read when added, but may
-            # have changed since, unseen by this query's filter: read them once more.
-            changed |= self._watched(block=False).services - services
+                watching = self._watched(block=False).services
+                if known is None:  # nothing to compare with: any service may have changed
+                    changed = set(watching)
+                else:
+                    # And services watched since this query was sent: a change to them
+                    # was invisible to its filter.
+                    changed = _changed(services, known, by_service) | (watching - services)
+                changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
+                changed = self._read_before(changed, received)
             known, node_known = by_service, by_node
             index = 0 if returned < index else max(returned, 1)
+            self._answered(detector)
             self._schedule(changed, at_once=True)
             spent = time.monotonic() - started
             if spent < _MIN_SPACING and self._stop.wait(_MIN_SPACING - spent):
                 return
+
+    def _answered(self, detector: Detector) -> None:
+        with self._lock:
+            if detector.name in self._unanswered:
+                self._unanswered.discard(detector.name)
+                self._lock.notify_all()
+
+    def _read_before(self, services: Iterable[str], when: float) -> set[str]:
+        """Those of ``services`` not read since ``when``: a read sent after an answer
+        arrived shows every change that answer holds."""
+        with self._lock:
+            return {name for name in services if self._read_at.get(name, -1.0) < when}
 
     def _services_on(self, nodes: Iterable[str]) -> set[str]:
         nodes = set(nodes)
@@ -237,9 +262,14 @@ class SharedFeeds:
             self._lock.notify_all()
 
     def _next_service(self) -> str | None:
-        """The next service to read: one asked for now, else the earliest resync due."""
+        """The next service to read: one asked for now, else the earliest resync due;
+        none before every detector's first answer (a read sent earlier may miss a
+        change that answer holds, and would have to be sent again)."""
         with self._lock:
             while not self._stop.is_set():
+                if self._unanswered:
+                    self._lock.wait()
+                    continue
                 if self._now:
                     return self._now.pop()
                 timeout = None

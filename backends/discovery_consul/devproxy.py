@@ -27,8 +27,9 @@ class Proxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
+        self._closed = False
         self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads = [threading.Thread(target=self._accept, name="discovery-proxy-accept", daemon=True)]
         self._threads[0].start()
 
     def _pair(self) -> Any:
@@ -49,10 +50,16 @@ class Proxy:
             upstream = socket.create_connection(self._upstream, timeout=10)
             upstream.settimeout(None)
             with self._lock:
+                if self._closed:  # accepted as the proxy closed: nothing may outlive it
+                    client.close()
+                    upstream.close()
+                    return
                 self._sockets += [client, upstream]
             pair = self._pair()
             for source, sink, up in ((client, upstream, True), (upstream, client, False)):
-                thread = threading.Thread(target=self._pump, args=(source, sink, up, pair), daemon=True)
+                thread = threading.Thread(
+                    target=self._pump, args=(source, sink, up, pair), name="discovery-proxy-pump", daemon=True
+                )
                 self._threads.append(thread)
                 thread.start()
 
@@ -70,9 +77,14 @@ class Proxy:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._listener.close()
         with self._lock:
+            self._closed = True
             sockets = list(self._sockets)
+        # shutdown, not only close: a close does not wake the thread blocked in accept
+        # (it would wait forever, its listener open).
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

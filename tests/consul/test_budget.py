@@ -9,6 +9,7 @@ kernel, nothing answers).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 from discovery_consul import ConsulBackend
+from discovery_consul._client import Settings, _Connections
 from discovery_consul.devagent import DevAgent, connections_to
 from discovery_examples.addservice import add_pb2, add_pb2_grpc
 from discovery_examples.addservice.fleet import Fleet
@@ -151,25 +153,45 @@ def test_watch_and_channel_cycles_leave_nothing_behind(
 
 
 def test_closing_returns_within_a_second_when_the_agent_does_not_answer(dev_agent: DevAgent) -> None:
+    # Closed again on the way out (a no-op once closed): a failed assertion must not
+    # leave the backend retrying toward the agent's port for a later test's agent.
     backend = dc.connect(f"consul://{dev_agent.address}?max_connections=8&timeout=5")
-    fleet = Fleet(backend)
-    fleet.start()
-    watches = [backend.watch(f"quiet-{n}") for n in range(6)]  # 3 direct, 3 shared
-    for watch in watches:
-        watch.wait(timeout=10)
-    channel = dc.discovery_channel(backend, "add")
-    assert channel.wait_ready(10)
-    assert add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=2), timeout=10).v == 3
-    with dev_agent.paused():
-        started = time.monotonic()
-        channel.close()
+    with backend, contextlib.closing(Fleet(backend)) as fleet:
+        fleet.start()
+        watches = [backend.watch(f"quiet-{n}") for n in range(6)]  # 3 direct, 3 shared
         for watch in watches:
-            watch.close()
-        assert time.monotonic() - started < 1.0
-        started = time.monotonic()
-        backend.close()
-        assert time.monotonic() - started < 1.0
-        fleet.close()
+            watch.wait(timeout=10)
+        channel = dc.discovery_channel(backend, "add")
+        assert channel.wait_ready(10)
+        assert add_pb2_grpc.AdderStub(channel).Add(add_pb2.AddRequest(a=1, b=2), timeout=10).v == 3
+        with dev_agent.paused():
+            started = time.monotonic()
+            channel.close()
+            for watch in watches:
+                watch.close()
+            assert time.monotonic() - started < 1.0
+            started = time.monotonic()
+            backend.close()
+            assert time.monotonic() - started < 1.0
+
+
+def test_a_query_that_connects_after_its_client_closed_is_cut(consul_agent: Any) -> None:
+    # A watch's thread may take a connection just before the backend closes and
+    # connect just after: its blocking query must still end at once, not when its
+    # wait runs out (such a query outlived its backend in the contract tests).
+    host, port = consul_agent.address.rsplit(":", 1)
+    settings = Settings(host, int(port), "http", None, None, None, None, verify=True, timeout=5.0)
+    connections = _Connections(settings, limit=1)
+    conn = connections.take()
+    index = conn.ask("/v1/catalog/services", {}, 5.0, ()).headers["X-Consul-Index"]
+    connections.give(conn)
+    conn = connections.take()
+    connections.close()
+    conn.close()  # not connected now: the query below connects after the close
+    started = time.monotonic()
+    with contextlib.suppress(http.client.HTTPException, OSError):
+        conn.ask(f"/v1/catalog/services?index={index}&wait=30s", {}, 35.0, (connections.closing,))
+    assert time.monotonic() - started < 5, "the query ran on after its client closed"
 
 
 def test_a_change_to_a_service_watched_after_the_detectors_query_left_is_seen(consul_agent: Any) -> None:

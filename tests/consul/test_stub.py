@@ -181,18 +181,18 @@ def test_closing_a_watch_returns_at_once_and_its_query_ends_with_the_backend(
     # connection, until the wait runs out: so closing a watch does not cut its query
     # (the poll finishes in the background, inside the budget); closing the backend does.
     stub = stub_factory([(200, 5, [_entry("svc", 1)])])
-    backend = dc.connect(f"consul://{stub.address}?wait=10m")
-    watch = backend.watch("svc")
-    watch.wait(timeout=5)
-    until(lambda: len(_indexes(stub)) == 2, 5, "the blocking query")  # held by the stub
-    started = time.monotonic()
-    watch.close()
-    assert time.monotonic() - started < 0.5
-    assert len(_watch_threads()) == 1  # still reading the held query
-    started = time.monotonic()
-    backend.close()
-    until(lambda: not _watch_threads(), 1.0, "the watch thread to end")
-    assert time.monotonic() - started < 1.0
+    with dc.connect(f"consul://{stub.address}?wait=10m") as backend:  # closed again on a failure
+        watch = backend.watch("svc")
+        watch.wait(timeout=5)
+        until(lambda: len(_indexes(stub)) == 2, 5, "the blocking query")  # held by the stub
+        started = time.monotonic()
+        watch.close()
+        assert time.monotonic() - started < 0.5
+        assert len(_watch_threads()) == 1  # still reading the held query
+        started = time.monotonic()
+        backend.close()
+        until(lambda: not _watch_threads(), 1.0, "the watch thread to end")
+        assert time.monotonic() - started < 1.0
 
 
 def test_the_watch_sends_the_token(stub_factory: Callable[[list[Answer]], Stub], until: Until) -> None:
