@@ -93,10 +93,12 @@ def _ms(result: Result) -> str:
 
 
 def picker_holds(channel: dc.DiscoveryChannel, instance_id: str) -> bool:
-    """Whether the channel's current picker holds the instance's endpoint (ready)."""
+    """Whether the channel's current picker holds the instance's endpoint (it takes
+    calls once its connection is READY: a connection setup, the same at any N)."""
     pool = channel._pool
-    endpoint = pool.endpoints.get(instance_id)
-    return endpoint is not None and endpoint in pool.picker.ready
+    # The pool adds the endpoint, then builds the picker over all of them: a picker
+    # as big as the pool came after it (O(1), so polling it slows nothing down).
+    return instance_id in pool.endpoints and pool.picker.known == len(pool.endpoints)
 
 
 def endpoint_count(channel: dc.DiscoveryChannel) -> int:
@@ -104,9 +106,15 @@ def endpoint_count(channel: dc.DiscoveryChannel) -> int:
     return len(channel._pool.endpoints)
 
 
-def open_channel(backend: dc.Backend, service: str) -> dc.DiscoveryChannel:
-    """The channel measured: the default one (health checking on, every instance)."""
-    return dc.discovery_channel(backend, service)
+def open_channel(backend: dc.Backend, service: str, subset: int | None = None) -> dc.DiscoveryChannel:
+    """The channel measured: health checking on, a subset of ``subset`` instances
+    (None: every instance, so every registration reaches the picker)."""
+    return dc.discovery_channel(backend, service, subset_size=subset)
+
+
+def kept(instances: int, subset: int | None) -> int:
+    """How many endpoints a channel over ``instances`` keeps."""
+    return instances if subset is None else min(instances, subset)
 
 
 # -- waiting ------------------------------------------------------------------------------
@@ -213,7 +221,7 @@ class Size:
     close: float | None = None
 
 
-def measure_size(port: int, size: int, samples: int, *, picker: bool, build: bool) -> Size:
+def measure_size(port: int, size: int, samples: int, *, picker: bool, build: bool, subset: int | None) -> Size:
     """One service of ``size`` instances (``size - 1`` resident, the sampled one
     coming and going), all on the health server."""
     service = f"scale-{size}"
@@ -229,8 +237,8 @@ def measure_size(port: int, size: int, samples: int, *, picker: bool, build: boo
         if build:
             backend.register(dc.ServiceInstance(service, "127.0.0.1", port, id=f"{service}-last"), keepalive=False)
             started = time.perf_counter()
-            channel = open_channel(backend, service)
-            built = _until(lambda: endpoint_count(channel) == size) - started
+            channel = open_channel(backend, service, subset)
+            built = _until(lambda: endpoint_count(channel) == kept(size, subset)) - started
             started = time.perf_counter()
             channel.close()
             closed = time.perf_counter() - started
@@ -269,7 +277,7 @@ def _sample_picker(
     return Result(label, taken)
 
 
-def picker_rows(sizes: list[Size]) -> list[Row]:
+def picker_rows(sizes: list[Size], subset: int | None) -> list[Row]:
     rows = []
     first, last = sizes[0], sizes[-1]
     if first.picker is not None and last.picker is not None:
@@ -284,7 +292,7 @@ def picker_rows(sizes: list[Size]) -> list[Row]:
     if last.build is not None and last.close is not None:
         rows.append(
             Row(
-                f"channel build over {last.instances:,} instances",
+                f"channel build over {last.instances:,} instances, {_subset(subset)}",
                 "≤ 0.5 s",
                 f"{last.build:.3f} s (closing it: {last.close:.3f} s)",
             )
@@ -325,7 +333,7 @@ class Idle:
     close: float
 
 
-def measure_idle(instances: int, warmup: float, idle: float) -> Idle:
+def measure_idle(instances: int, warmup: float, idle: float, subset: int | None) -> Idle:
     service = "scale-idle"
     port = _free_port()
     with dc.connect("memory://") as backend:
@@ -333,9 +341,9 @@ def measure_idle(instances: int, warmup: float, idle: float) -> Idle:
         gc.collect()
         threads, rss = _proc_status("Threads"), _proc_status("VmRSS")
         started = time.perf_counter()
-        channel = open_channel(backend, service)
+        channel = open_channel(backend, service, subset)
         try:
-            build = _until(lambda: endpoint_count(channel) == instances) - started
+            build = _until(lambda: endpoint_count(channel) == kept(instances, subset)) - started
             time.sleep(warmup)
             most_threads, most_rss = threads, rss
             cpu, wall = time.process_time(), time.perf_counter()
@@ -351,9 +359,13 @@ def measure_idle(instances: int, warmup: float, idle: float) -> Idle:
     return Idle(instances, most_threads - threads, cpu_share * 100, (most_rss - rss) / 1024, build, close)
 
 
-def idle_row(result: Idle) -> Row:
+def _subset(subset: int | None) -> str:
+    return "every instance connected" if subset is None else f"subset_size={subset}"
+
+
+def idle_row(result: Idle, subset: int | None) -> Row:
     return Row(
-        f"{result.instances:,} endpoints, health on, all unreachable, idle",
+        f"{result.instances:,} instances, health on, all unreachable, idle, {_subset(subset)}",
         "threads ≤ 20 more than baseline, CPU ≤ 5%, RSS ≤ 150 MiB added",
         f"+{result.threads} threads, CPU {result.cpu:.1f}%, +{result.rss_mib:.0f} MiB"
         f" (built in {result.build:.2f} s, closed in {result.close:.2f} s)",
@@ -599,7 +611,14 @@ def run(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--rounds", type=int, default=10, help="rounds (consul, calls)")
     parser.add_argument("--calls", type=int, default=2000, help="calls per channel per round (calls)")
     parser.add_argument("--consul-address", help="host:port of an agent (default: CONSUL_HTTP_ADDR or a dev agent)")
+    parser.add_argument(
+        "--subset",
+        default="none",
+        help="subset_size of the channels built for the build and idle rows (none: every instance; the "
+        "picker row always connects every instance, so every registration reaches the picker)",
+    )
     args = parser.parse_args(argv)
+    subset = None if args.subset == "none" else int(args.subset)
     chosen = [row.strip() for row in args.rows.split(",") if row.strip()]
     unknown = set(chosen) - set(EXTRA + ROWS)
     if unknown:
@@ -611,14 +630,15 @@ def run(argv: list[str] | None = None) -> list[Row]:
         with health_server() as port:
             for size in sizes:
                 build = "build" in chosen and size == sizes[-1]
-                measured.append(measure_size(port, size, args.samples, picker="picker" in chosen, build=build))
+                picker = "picker" in chosen
+                measured.append(measure_size(port, size, args.samples, picker=picker, build=build, subset=subset))
                 for result in (measured[-1].subscriber, measured[-1].picker):
                     if result is not None:
                         print(result.line(), flush=True)
-        rows += picker_rows(measured)
+        rows += picker_rows(measured, subset)
     if "idle" in chosen:
-        idle = measure_idle(sizes[-1], args.warmup, args.idle)
-        rows.append(idle_row(idle))
+        idle = measure_idle(sizes[-1], args.warmup, args.idle, subset)
+        rows.append(idle_row(idle, subset))
         print(rows[-1].figure, flush=True)
     if "services" in chosen:
         few, many = (measure_services(count, args.samples) for count in _numbers(args.services))

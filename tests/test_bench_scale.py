@@ -29,8 +29,8 @@ def test_every_memory_row_is_printed_in_the_table() -> None:
     measures = [line.split(" | ")[0].removeprefix("| ") for line in table[2:]]
     assert measures == [
         "register → picker holds it, N = 20 instances",
-        "channel build over 20 instances",
-        "20 endpoints, health on, all unreachable, idle",
+        "channel build over 20 instances, every instance connected",
+        "20 instances, health on, all unreachable, idle, every instance connected",
         "memory backend, 5 services watched",
         "per-call cost after the split",
     ], result.stdout
