@@ -353,7 +353,7 @@ class Snapshot:
         them on) is skipped at C speed; only what lies between is compared by id."""
         if previous is None:
             return SnapshotDiff(added=self.instances, removed=(), changed=())
-        head, tail = _common_ends((previous.instances, self.instances))
+        head, tail = common_ends((previous.instances, self.instances))
         before = {inst.id: inst for inst in previous.instances[head : len(previous.instances) - tail]}
         after = {inst.id: inst for inst in self.instances[head : len(self.instances) - tail]}
         changed = {inst_id for inst_id, inst in after.items() if inst_id in before and before[inst_id] != inst}
@@ -376,7 +376,7 @@ class Snapshot:
         if self.health == other.health:
             return set()
         (mine, my_states), (theirs, their_states) = self._health_columns, other._health_columns
-        head, tail = _common_ends((mine, theirs), (my_states, their_states))
+        head, tail = common_ends((mine, theirs), (my_states, their_states))
         suspects = {*mine[head : len(mine) - tail], *theirs[head : len(theirs) - tail]}
         passing = HealthStatus.PASSING
         return {
@@ -388,7 +388,7 @@ class Snapshot:
         }
 
 
-def _common_ends(*pairs: tuple[Sequence[object], Sequence[object]]) -> tuple[int, int]:
+def common_ends(*pairs: tuple[Sequence[object], Sequence[object]]) -> tuple[int, int]:
     """How many positions from the start, and then from the end, hold equal items in
     each pair of sequences (aligned rows, a sequence per column)."""
     head = min(_common_run(a, b, 0, 1) for a, b in pairs)

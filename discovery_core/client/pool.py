@@ -20,7 +20,7 @@ from discovery_core.client.picker import Picker, policy_class
 from discovery_core.client.select import check_threshold, select
 from discovery_core.client.subset import Position, Ring, check_subset_size
 from discovery_core.errors import DiscoveryError
-from discovery_core.model import ServiceInstance, Snapshot
+from discovery_core.model import ServiceInstance, Snapshot, common_ends
 
 __all__ = ["Pool"]
 
@@ -28,16 +28,19 @@ log = logging.getLogger("discovery_core.channel")
 
 
 def _changes(
-    held: dict[int, ServiceInstance], instances: tuple[ServiceInstance, ...]
-) -> tuple[dict[int, ServiceInstance], list[ServiceInstance], list[ServiceInstance]]:
-    """From ``held`` to ``instances`` by object identity (backends hand unchanged
-    instances on as the same objects): the new ``held``, the instances that arrived
-    (new, or changed), and those that left (no instance of their id arrived)."""
-    now = dict(zip(map(id, instances), instances, strict=True))
-    arrived = [now[key] for key in now.keys() - held.keys()]
+    held: tuple[ServiceInstance, ...], instances: tuple[ServiceInstance, ...]
+) -> tuple[list[ServiceInstance], list[ServiceInstance]]:
+    """From ``held`` to ``instances`` (each in a stable order, e.g. by id): those that
+    arrived (new, or changed) and those that left (no instance of their id arrived).
+    Backends hand unchanged instances on as the same objects, so the ends both share
+    are skipped at C speed and the cost follows the change, not the set."""
+    head, tail = common_ends((held, instances))
+    before, after = held[head : len(held) - tail], instances[head : len(instances) - tail]
+    stayed = {id(instance) for instance in before}.intersection(map(id, after))
+    arrived = [instance for instance in after if id(instance) not in stayed]
     arrived_ids = {instance.id for instance in arrived}
-    left = [held[key] for key in held.keys() - now.keys() if held[key].id not in arrived_ids]
-    return now, arrived, left
+    left = [inst for inst in before if id(inst) not in stayed and inst.id not in arrived_ids]
+    return arrived, left
 
 
 class Pool(Generic[C], abc.ABC):
@@ -69,7 +72,7 @@ class Pool(Generic[C], abc.ABC):
         self.subset_size = check_subset_size(subset_size)
         self.position = Position.random() if client_index is None else Position.of_index(client_index)
         self._ring = Ring()  # the selected instances, when the channel keeps a subset of them
-        self._selected: dict[int, ServiceInstance] = {}  # what the ring holds, by object identity
+        self._selected: tuple[ServiceInstance, ...] = ()  # what the ring holds
         #: Wall time since when the registry's healthy set is below the panic threshold
         #: and the channel keeps its critical instances (None: not failing open).
         self.fail_open_since: float | None = None
@@ -78,7 +81,7 @@ class Pool(Generic[C], abc.ABC):
         self.error: DiscoveryError | None = None  # the watch's last error while it fails
         self.picker: Picker[C] = self.policy(service, (), resolved=False)
         self.endpoints: dict[str, Endpoint[C]] = {}
-        self._held: dict[int, ServiceInstance] = {}  # the instances applied, by object identity
+        self._held: tuple[ServiceInstance, ...] = ()  # the instances with endpoints
 
     @abc.abstractmethod
     def open(self, instance: ServiceInstance) -> C:
@@ -101,13 +104,15 @@ class Pool(Generic[C], abc.ABC):
         self._fail_open(selection.panicked, selection.healthy, selection.listed)
         chosen = selection.instances
         if self.subset_size is not None:
-            self._selected, arrived, left = _changes(self._selected, chosen)
+            arrived, left = _changes(self._selected, chosen)
+            self._selected = chosen
             for instance in left:
                 self._ring.remove(instance.id)
             for instance in arrived:
                 self._ring.add(instance)
             chosen = self._ring.subset(self.subset_size, self.position)
-        self._held, arrived, left = _changes(self._held, chosen)
+        arrived, left = _changes(self._held, chosen)
+        self._held = chosen
         gone = [self.endpoints.pop(instance.id) for instance in left]
         for instance in arrived:
             endpoint = self.endpoints.get(instance.id)
