@@ -21,9 +21,9 @@ the public API on the memory backend unless named:
 - ``idle``: N instances on loopback addresses nothing listens on, health checking on:
   OS threads, CPU and RSS the channel adds, over ``--idle`` seconds after
   ``--warmup`` seconds.
-- ``services``: the last ``--services`` figure of services watched (2 instances
-  each, one Watch each): register -> subscriber on the last one, p99 against the
-  first figure's in the same run.
+- ``services``: services watched (2 instances each, one Watch each), the first and
+  last of ``--services``, each on a backend of its own: register -> subscriber on the
+  last service, samples of both interleaved; the p99 against the first figure's.
 - ``consul``: the decoder of a health answer of a 1,000-instance service, captured
   from a real agent, against the decoder as it was before issue 10 (kept below, for
   this comparison only). Decodes alternate between two answers one instance apart,
@@ -375,9 +375,10 @@ def idle_row(result: Idle, subset: int | None) -> Row:
 # -- many services watched --------------------------------------------------------------
 
 
-def measure_services(count: int, samples: int) -> Result:
-    """``count`` services of 2 instances, each watched; register -> subscriber on the
-    last one."""
+@contextlib.contextmanager
+def _watching(count: int) -> Iterator[Callable[[int], float]]:
+    """A backend with ``count`` services of 2 instances, each watched; yields a
+    sampler: register -> subscriber on the last service (seconds)."""
     prefix = f"svc{count}-{uuid.uuid4().hex[:6]}"
     services = [f"{prefix}-{i:04d}" for i in range(count)]
     holder = _Holder()
@@ -389,16 +390,32 @@ def measure_services(count: int, samples: int) -> Result:
         for watch in watches:
             watch.wait(timeout=_TIMEOUT)
         watches[-1].subscribe(holder.update)
-        taken = []
-        for n in range(samples):
-            _pace(time.perf_counter(), _period())
+
+        def sample(n: int) -> float:
             inst = dc.ServiceInstance(services[-1], "127.0.0.1", 20000 + n % 40000)
             backend.register(inst, keepalive=False)
             returned = time.perf_counter()
-            taken.append(holder.wait_for(inst.id, held=True) - returned)
+            seen = holder.wait_for(inst.id, held=True) - returned
             backend.deregister(inst.id)
             holder.wait_for(inst.id, held=False)
-    return Result(f"{count:,} services", taken)
+            return seen
+
+        yield sample
+
+
+def measure_services(counts: list[int], samples: int) -> list[Result]:
+    """Register -> subscriber with each count of services watched, one backend per
+    count, their samples interleaved (the order rotating) so that drift in the
+    machine falls on all alike."""
+    taken: list[list[float]] = [[] for _ in counts]
+    with contextlib.ExitStack() as stack:
+        samplers = [stack.enter_context(_watching(count)) for count in counts]
+        for n in range(samples):
+            for k in range(len(counts)):
+                at = (n + k) % len(counts)
+                _pace(time.perf_counter(), _period())
+                taken[at].append(samplers[at](n))
+    return [Result(f"{count:,} services", seconds) for count, seconds in zip(counts, taken, strict=True)]
 
 
 def services_row(few: Result, many: Result) -> Row:
@@ -641,7 +658,7 @@ def run(argv: list[str] | None = None) -> list[Row]:
         rows.append(idle_row(idle, subset))
         print(rows[-1].figure, flush=True)
     if "services" in chosen:
-        few, many = (measure_services(count, args.samples) for count in _numbers(args.services))
+        few, many = measure_services(_numbers(args.services), args.samples)
         print(few.line(), many.line(), sep="\n", flush=True)
         rows.append(services_row(few, many))
     if "consul" in chosen:
