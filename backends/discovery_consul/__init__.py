@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -83,8 +83,13 @@ def _alternatives(names: frozenset[str]) -> str:
     return "^(" + "|".join(re.escape(name) for name in sorted(names)) + ")$"
 
 
-def _frozen(groups: Mapping[str, set[tuple[str, ...]]]) -> Fingerprints:
+def _frozen(groups: Mapping[str, set[tuple[str, ...]]]) -> dict[str, frozenset[Hashable]]:
     return {name: frozenset(keys) for name, keys in groups.items()}
+
+
+def _check_key(check: Mapping[str, Any]) -> tuple[str, ...]:
+    """A check as the check detector fingerprints it, in its answer and in reads alike."""
+    return tuple(str(check.get(k)) for k in ("Node", "CheckID", "Status", "ServiceID"))
 
 
 def _filter_expression(query: Query) -> str:
@@ -178,8 +183,8 @@ class ConsulBackend(Backend):
         self._client = ConsulClient(self._settings, control=_CONTROL, queries=direct + _SHARED)
         self._direct = threading.BoundedSemaphore(direct) if direct else None
         detectors = (
-            Detector("check", self._detect_checks, critical=True),
-            Detector("catalog", self._detect_registrations, critical=False),
+            Detector("check", self._detect_checks, critical=True, narrowed=True, unchecked=False),
+            Detector("catalog", self._detect_registrations, critical=False, narrowed=False, unchecked=True),
         )
         self._shared = SharedFeeds(detectors, self._read, self.wait)
         self._node: tuple[str, str] | None = None  # the agent's (name, id), read again after a loss
@@ -316,45 +321,47 @@ class ConsulBackend(Backend):
         result = self._client.get_list("/v1/health/state/any", params, stop=stop)
         by_service: dict[str, set[tuple[str, ...]]] = {}
         by_node: dict[str, set[tuple[str, ...]]] = {}
-        for entry in result.entries:
-            key = tuple(str(entry.get(k)) for k in ("Node", "CheckID", "Status", "ServiceID"))
-            if entry.get("ServiceID"):
-                by_service.setdefault(str(entry.get("ServiceName")), set()).add(key)
+        for check in result.entries:
+            if check.get("ServiceID"):
+                by_service.setdefault(str(check.get("ServiceName")), set()).add(_check_key(check))
             else:
-                by_node.setdefault(key[0], set()).add(key)
+                by_node.setdefault(str(check.get("Node")), set()).add(_check_key(check))
         return result.index, _frozen(by_service), _frozen(by_node)
 
     def _detect_registrations(self, index: int, watched: Watched, stop: Stop) -> tuple[int, Fingerprints, Fingerprints]:
-        """On any registration change in the datacenter: a change for each service that
-        may hold an instance without a check (their fingerprint is the index), and for
-        any watched service that appeared, left or changed its tags."""
+        """Every service of the datacenter and its tags (Consul 1.8 filters nothing
+        here): its index moves on any registration change in the datacenter."""
         self._check_open()
         returned, names = self._client.get_object("/v1/catalog/services", self._blocking(index), stop=stop)
-        fingerprints = {
-            name: returned if name in watched.unchecked else (name in names, str(names.get(name)))
-            for name in watched.services
-        }
-        return returned, fingerprints, {}
+        return returned, {name: tuple(tags or ()) for name, tags in names.items()}, {}
 
     @staticmethod
     def _snapshot(query: Query, result: HealthResult) -> Read:
-        """A health answer as a snapshot, the nodes its instances run on, and whether
-        one of them (or none at all) has no check of its own."""
+        """A health answer as a snapshot, the nodes its instances run on, whether one
+        of them (or none at all) has no check of its own, and its checks as the check
+        detector fingerprints them."""
         instances: list[ServiceInstance] = []
         health: dict[str, HealthStatus] = {}
         nodes: set[str] = set()
+        service_checks: set[tuple[str, ...]] = set()
+        node_checks: dict[str, set[tuple[str, ...]]] = {}
         unchecked = not result.entries
         for entry in result.entries:
+            checks = entry.get("Checks") or []
+            for check in checks:
+                if check.get("ServiceID"):
+                    service_checks.add(_check_key(check))
+                else:
+                    node_checks.setdefault(str(check.get("Node")), set()).add(_check_key(check))
             instance = _instance(entry)
             if instance is None or instance.name != query.service:
                 continue
             instances.append(instance)
-            checks = entry.get("Checks") or []
             health[instance.id] = _worst(checks)
             nodes.add(str((entry.get("Node") or {}).get("Node", "")))
             unchecked |= not any(check.get("ServiceID") == instance.id for check in checks)
         snapshot = Snapshot(query.service, tuple(instances), index=result.index, health=health)
-        return Read(snapshot, frozenset(nodes), unchecked)
+        return Read(snapshot, frozenset(nodes), unchecked, frozenset(service_checks), _frozen(node_checks))
 
     def _close_resources(self) -> None:
         self._shared.close(timeout=0.1)  # first: its threads then take a closed client quietly
