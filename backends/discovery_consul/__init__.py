@@ -19,13 +19,13 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 from discovery_consul._client import ConsulClient, HealthResult, Settings
 from discovery_consul._decode import Decoder
-from discovery_consul._shared import Detector, Fingerprints, Read, SharedFeeds, Watched
+from discovery_consul._shared import Detector, Fingerprints, Read, SharedFeeds, Watched, check_key
 from discovery_core import (
     Backend,
     Check,
@@ -82,7 +82,7 @@ def _alternatives(names: frozenset[str]) -> str:
     return "^(" + "|".join(re.escape(name) for name in sorted(names)) + ")$"
 
 
-def _frozen(groups: Mapping[str, set[tuple[str, ...]]]) -> Fingerprints:
+def _frozen(groups: Mapping[str, set[tuple[str, ...]]]) -> dict[str, frozenset[Hashable]]:
     return {name: frozenset(keys) for name, keys in groups.items()}
 
 
@@ -177,8 +177,8 @@ class ConsulBackend(Backend):
         self._client = ConsulClient(self._settings, control=_CONTROL, queries=direct + _SHARED)
         self._direct = threading.BoundedSemaphore(direct) if direct else None
         detectors = (
-            Detector("check", self._detect_checks, critical=True),
-            Detector("catalog", self._detect_registrations, critical=False),
+            Detector("check", self._detect_checks, critical=True, narrowed=True, unchecked=False),
+            Detector("catalog", self._detect_registrations, critical=False, narrowed=False, unchecked=True),
         )
         self._shared = SharedFeeds(detectors, self._read, self.wait)
         self._node: tuple[str, str] | None = None  # the agent's (name, id), read again after a loss
@@ -326,25 +326,19 @@ class ConsulBackend(Backend):
         result = self._client.get_list("/v1/health/state/any", params, stop=stop)
         by_service: dict[str, set[tuple[str, ...]]] = {}
         by_node: dict[str, set[tuple[str, ...]]] = {}
-        for entry in result.entries:
-            key = tuple(str(entry.get(k)) for k in ("Node", "CheckID", "Status", "ServiceID"))
-            if entry.get("ServiceID"):
-                by_service.setdefault(str(entry.get("ServiceName")), set()).add(key)
+        for check in result.entries:
+            if check.get("ServiceID"):
+                by_service.setdefault(str(check.get("ServiceName")), set()).add(check_key(check))
             else:
-                by_node.setdefault(key[0], set()).add(key)
+                by_node.setdefault(str(check.get("Node")), set()).add(check_key(check))
         return result.index, _frozen(by_service), _frozen(by_node)
 
     def _detect_registrations(self, index: int, watched: Watched, stop: Stop) -> tuple[int, Fingerprints, Fingerprints]:
-        """On any registration change in the datacenter: a change for each service that
-        may hold an instance without a check (their fingerprint is the index), and for
-        any watched service that appeared, left or changed its tags."""
+        """Every service of the datacenter and its tags (Consul 1.8 filters nothing
+        here): its index moves on any registration change in the datacenter."""
         self._check_open()
         returned, names = self._client.get_object("/v1/catalog/services", self._blocking(index), stop=stop)
-        fingerprints = {
-            name: returned if name in watched.unchecked else (name in names, str(names.get(name)))
-            for name in watched.services
-        }
-        return returned, fingerprints, {}
+        return returned, {name: tuple(tags or ()) for name, tags in names.items()}, {}
 
     def _snapshot(self, query: Query, result: HealthResult) -> Read:
         """The answer decoded by the query's decoder while it is watched (it reuses

@@ -17,7 +17,7 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from discovery_consul._client import HealthResult
-from discovery_consul._shared import Read
+from discovery_consul._shared import Read, check_key
 from discovery_core import HealthStatus, InvalidInstance, Query, ServiceInstance, Snapshot
 
 __all__ = ["Decoder"]
@@ -35,16 +35,25 @@ class Decoder:
         self._known: dict[Hashable, ServiceInstance | None] = {}  # raw fields -> instance (None: refused)
 
     def read(self, result: HealthResult) -> Read:
-        """The answer as a snapshot, the nodes its instances run on, and whether one
-        of them (or none at all) has no check of its own."""
+        """The answer as a snapshot, the nodes its instances run on, whether one of
+        them (or none at all) has no check of its own, and its checks as the check
+        detector fingerprints them."""
         service = self.query.service
         known = self._known
         kept: dict[Hashable, ServiceInstance | None] = {}
         instances: list[ServiceInstance] = []
         health: dict[str, HealthStatus] = {}
         nodes: set[str] = set()
+        service_checks: set[Hashable] = set()
+        node_checks: dict[str, set[Hashable]] = {}
         unchecked = not result.entries
         for entry in result.entries:
+            checks = entry.get("Checks") or []
+            for check in checks:
+                if check.get("ServiceID"):
+                    service_checks.add(check_key(check))
+                else:
+                    node_checks.setdefault(str(check.get("Node")), set()).add(check_key(check))
             raw = entry.get("Service") or {}
             node = entry.get("Node") or {}
             key = _fields(raw, node)
@@ -57,12 +66,13 @@ class Decoder:
             if instance is None or instance.name != service:
                 continue
             instances.append(instance)
-            health[instance.id], checked = _health(entry.get("Checks") or [], instance.id)
+            health[instance.id], checked = _health(checks, instance.id)
             nodes.add(str(node.get("Node", "")))
             unchecked |= not checked
         self._known = kept
         snapshot = Snapshot(service, tuple(instances), index=result.index, health=health)
-        return Read(snapshot, frozenset(nodes), unchecked)
+        frozen_node_checks = {node: frozenset(keys) for node, keys in node_checks.items()}
+        return Read(snapshot, frozenset(nodes), unchecked, frozenset(service_checks), frozen_node_checks)
 
 
 def _fields(raw: Mapping[str, Any], node: Mapping[str, Any]) -> Hashable | None:

@@ -26,14 +26,16 @@ whatever their number:
   same id), and every service once per ``wait`` period, for what neither detector
   shows (a changed address or meta).
 
-A read sent before a detector's answer arrived may predate a change that answer
-already holds, and the next answer, compared with it, would not show that change
-again. So an answer with nothing to compare with (a detector's first, or the first
-for a service watched since its query was sent) has every service it could not
-compare read again, unless read since it arrived. At start-up the reader waits for
-both detectors' first answers (one round trip) before its first reads, so each
-service is read once; and an answer whose index did not move (its wait ran out)
-holds no change at all, so it reads nothing.
+What an answer cannot be compared with its last: a service or node the check
+detector's last query was not narrowed to (watched, or found by a read, since). Such
+a one is compared with the checks its last read showed instead. A service the answer
+does not cover at all (watched since its query was sent; any, at the catalog
+detector's first answer) is read again when the index moved: a read sent before an
+answer arrived may predate a change that answer holds, and the next answer would not
+show it again. A read sent after the answer arrived shows all it holds, so it is
+never sent again for it. At start-up the reader waits for both detectors' first
+answers (one round trip) before its first reads: each service is read once. An answer
+whose index did not move (its wait ran out) holds no change.
 
 Consul's cost: a request per detector per change anywhere in the datacenter (each
 answer holds only what concerns the watched services), a read per change of a watched
@@ -51,6 +53,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from discovery_core import DiscoveryError, Feed, Query, Snapshot, Stop
 
@@ -65,37 +68,60 @@ _FOLLOW_UP = 1.0  # seconds after a change before a service is read once more
 Fingerprints = Mapping[str, Hashable]
 
 
+def check_key(check: Mapping[str, Any]) -> tuple[str, ...]:
+    """A check as the check detector fingerprints it, in its answer and in reads alike."""
+    return tuple(str(check.get(k)) for k in ("Node", "CheckID", "Status", "ServiceID"))
+
+
 @dataclass(frozen=True)
 class Read:
-    """A plain read of one query: the snapshot, the nodes its instances run on, and
-    whether any of them (or none at all) has no check of its own."""
+    """A plain read of one query: the snapshot, the nodes its instances run on,
+    whether any of them (or none at all) has no check of its own, and the checks it
+    showed, fingerprinted as the narrowed detector does: the service's, and each
+    node's (a filtered read shows only some: a difference then costs a read)."""
 
     snapshot: Snapshot
     nodes: frozenset[str]
     unchecked: bool
+    checks: frozenset[Hashable]  # empty: none (the detector's answer holds no entry then)
+    node_checks: Mapping[str, frozenset[Hashable]]  # nodes with node checks only
 
 
 @dataclass(frozen=True)
 class Watched:
-    """What the detectors narrow their queries to: the watched services, the nodes
-    their instances run on, and the services that may hold an instance without a
-    check (an instance without one, or none at all, at their last read)."""
+    """What a narrowed detector narrows its query to: the watched services and the
+    nodes their instances run on."""
 
     services: frozenset[str]
     nodes: frozenset[str]
-    unchecked: frozenset[str]
 
 
 @dataclass(frozen=True)
 class Detector:
     """One datacenter-wide blocking query: ``fetch(index, watched, stop)`` returns its
-    index, a fingerprint per watched service and one per node (node checks);
+    index, a fingerprint per service and one per node (node checks).
+
+    ``narrowed``: its answer holds only the services and nodes of ``watched``, else
+    every service of the datacenter. ``unchecked``: a move of its index may be an
+    instance without a check, so it has the services that may hold one read again.
     ``critical``: its failure is the backend's (feeds turn stale), else it is only
     logged and the reader's resync covers for it."""
 
     name: str
     fetch: Callable[[int, Watched, Stop], tuple[int, Fingerprints, Fingerprints]]
     critical: bool
+    narrowed: bool
+    unchecked: bool
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A detector's answer, what its query was narrowed to, and when that was taken."""
+
+    watched: Watched
+    taken: float
+    services: Fingerprints
+    nodes: Fingerprints
 
 
 class SharedFeeds:
@@ -107,8 +133,11 @@ class SharedFeeds:
         self._wait = wait
         self._lock = threading.Condition()
         self._feeds: dict[str, set[Feed]] = defaultdict(set)
+        self._added: dict[str, float] = {}  # service -> since when it is watched (monotonic)
         self._nodes: dict[str, frozenset[str]] = {}  # service -> nodes of its instances
         self._unchecked: set[str] = set()  # services that may hold an instance without a check
+        self._checks: dict[str, frozenset[Hashable]] = {}  # service -> its checks, as its last read showed
+        self._node_checks: dict[str, Mapping[str, frozenset[Hashable]]] = {}  # service -> its nodes' checks, same
         self._due: list[tuple[float, int, str]] = []  # (when, seq, service): the reader's schedule
         self._planned: dict[str, float] = {}  # service -> its one planned read (older heap entries are void)
         self._read_at: dict[str, float] = {}  # service -> when its last read was sent (monotonic)
@@ -124,6 +153,7 @@ class SharedFeeds:
 
     def add(self, feed: Feed) -> None:
         with self._lock:
+            self._added.setdefault(feed.query.service, time.monotonic())
             self._feeds[feed.query.service].add(feed)
             self._now.add(feed.query.service)
             self._lock.notify_all()
@@ -145,11 +175,12 @@ class SharedFeeds:
             if feeds is not None:
                 feeds.discard(feed)
                 if not feeds:
-                    del self._feeds[feed.query.service]
-                    self._nodes.pop(feed.query.service, None)
-                    self._unchecked.discard(feed.query.service)
-                    self._planned.pop(feed.query.service, None)
-                    self._read_at.pop(feed.query.service, None)
+                    service = feed.query.service
+                    del self._feeds[service]
+                    for known in (self._added, self._nodes, self._checks, self._node_checks, self._planned):
+                        known.pop(service, None)
+                    self._unchecked.discard(service)
+                    self._read_at.pop(service, None)
 
     def close(self, timeout: float) -> None:
         """Stop the threads (their queries are cut short) within ``timeout``."""
@@ -163,24 +194,21 @@ class SharedFeeds:
 
     # -- the detectors ------------------------------------------------------------------
 
-    def _watched(self, *, block: bool = True) -> Watched:
+    def _watched(self) -> tuple[Watched, float]:
+        """What the detectors are narrowed to now, and when that was taken."""
         with self._lock:
-            while block and not self._feeds and not self._stop.is_set():
+            while not self._feeds and not self._stop.is_set():
                 self._lock.wait()
             nodes = frozenset().union(*self._nodes.values()) if self._nodes else frozenset()
-            # A service not read yet may hold anything.
-            unchecked = frozenset(name for name in self._feeds if name in self._unchecked or name not in self._nodes)
-            return Watched(frozenset(self._feeds), nodes, unchecked)
+            return Watched(frozenset(self._feeds), nodes), time.monotonic()
 
     def _run_detector(self, detector: Detector) -> None:
         index = 0
-        known: Fingerprints | None = None  # None: nothing to compare with yet
-        node_known: Fingerprints = {}
+        last: _Answer | None = None  # None: nothing to compare with yet
         delay = _RETRY_BASE
         outage = False
         while not self._stop.is_set():
-            watched = self._watched()
-            services = watched.services
+            watched, taken = self._watched()
             if self._stop.is_set():
                 return
             started = time.monotonic()
@@ -193,7 +221,7 @@ class SharedFeeds:
                 self._answered(detector)  # the reads fail on their own now
                 if not outage:
                     log.warning("Consul %s detector: %s; retrying", detector.name, exc)
-                outage, index, known = True, 0, None
+                outage, index, last = True, 0, None
                 if detector.critical:
                     self._fail_all(exc)
                 if self._stop.wait(random.uniform(delay / 2, delay)):
@@ -203,19 +231,10 @@ class SharedFeeds:
             if outage:
                 log.info("Consul %s detector: the agent answers again", detector.name)
                 outage, delay = False, _RETRY_BASE
-            if known is not None and returned == index:
-                changed: set[str] = set()  # its wait ran out: nothing it watches changed
-            else:
-                watching = self._watched(block=False).services
-                if known is None:  # nothing to compare with: any service may have changed
-                    changed = set(watching)
-                else:
-                    # And services watched since this query was sent: a change to them
-                    # was invisible to its filter.
-                    changed = _changed(services, known, by_service) | (watching - services)
-                changed |= self._services_on(_changed(node_known.keys() | by_node.keys(), node_known, by_node))
-                changed = self._read_before(changed, received)
-            known, node_known = by_service, by_node
+            answer = _Answer(watched, taken, by_service, by_node)
+            moved = last is None or returned != index  # unmoved: its wait ran out, nothing changed
+            changed = self._changes(detector, last, answer, moved=moved, received=received)
+            last = answer
             index = 0 if returned < index else max(returned, 1)
             self._answered(detector)
             self._schedule(changed, at_once=True)
@@ -229,18 +248,44 @@ class SharedFeeds:
                 self._unanswered.discard(detector.name)
                 self._lock.notify_all()
 
-    def _read_before(self, services: Iterable[str], when: float) -> set[str]:
-        """Those of ``services`` not read since ``when``: a read sent after an answer
-        arrived shows every change that answer holds."""
+    def _changes(
+        self, detector: Detector, last: _Answer | None, answer: _Answer, *, moved: bool, received: float
+    ) -> set[str]:
+        """The services to read after ``answer``, none read since it was ``received``
+        (such a read shows all it holds): those whose fingerprint differs from the last
+        answer's, or from their last read's if the last answer did not cover them; when
+        the index ``moved``, those it does not cover, and those that may hold an
+        instance without a check if the detector says so."""
         with self._lock:
-            return {name for name in services if self._read_at.get(name, -1.0) < when}
+            changed: set[str] = set()
+            for service, added in self._added.items():
+                fingerprint = answer.services.get(service)
+                if last is not None and (added < last.taken or not detector.narrowed):  # both answers cover it
+                    before: Hashable = last.services.get(service)
+                elif detector.narrowed and service in answer.watched.services:
+                    before = self._checks.get(service) or None  # no check: no entry in the answer
+                elif moved:  # not covered: it may have changed unseen
+                    changed.add(service)
+                    continue
+                else:
+                    continue
+                if before != fingerprint:
+                    changed.add(service)
+            if detector.narrowed and (nodes := self._nodes_changed(last, answer)):
+                changed.update(service for service, where in self._nodes.items() if where & nodes)
+            if moved and detector.unchecked:
+                changed.update(service for service in self._feeds if service in self._unchecked)
+            return {service for service in changed if self._read_at.get(service, -1.0) < received}
 
-    def _services_on(self, nodes: Iterable[str]) -> set[str]:
-        nodes = set(nodes)
-        if not nodes:
-            return set()
-        with self._lock:
-            return {service for service, where in self._nodes.items() if where & nodes}
+    def _nodes_changed(self, last: _Answer | None, answer: _Answer) -> set[str]:
+        """The nodes whose checks differ from the last answer's, or, for a node it did
+        not cover (found by a read since), from what the last read on it showed."""
+        covered = last.watched.nodes if last is not None else frozenset()
+        before: dict[str, Hashable] = {node: last.nodes.get(node) for node in covered} if last is not None else {}
+        if fresh := answer.watched.nodes - covered:
+            for shown in self._node_checks.values():
+                before.update((node, checks) for node, checks in shown.items() if node in fresh)
+        return {node for node in answer.watched.nodes if before.get(node) != answer.nodes.get(node)}
 
     def _fail_all(self, error: DiscoveryError) -> None:
         with self._lock:
@@ -290,6 +335,8 @@ class SharedFeeds:
                 feeds = list(self._feeds.get(service, ()))
                 self._read_at[service] = time.monotonic()
             nodes: set[str] = set()
+            checks: set[Hashable] = set()
+            node_checks: dict[str, frozenset[Hashable]] = {}
             changed = unchecked = False
             for feed in feeds:
                 if feed.closed:
@@ -305,10 +352,14 @@ class SharedFeeds:
                     continue
                 nodes |= read.nodes
                 unchecked |= read.unchecked
+                checks |= read.checks
+                node_checks.update(read.node_checks)
                 changed |= feed.deliver(read.snapshot) and not first
             with self._lock:
                 if service in self._feeds:
                     self._nodes[service] = frozenset(nodes)
+                    self._checks[service] = frozenset(checks)
+                    self._node_checks[service] = node_checks
                     if unchecked:
                         self._unchecked.add(service)
                     else:
@@ -318,7 +369,3 @@ class SharedFeeds:
             # Otherwise resync once per wait period, jittered: what shows in no check.
             delay = _FOLLOW_UP if changed else random.uniform(0.9, 1.0) * self._wait
             self._schedule((service,), at_once=False, delay=delay)
-
-
-def _changed(names: Iterable[str], before: Fingerprints, after: Fingerprints) -> set[str]:
-    return {name for name in names if before.get(name) != after.get(name)}

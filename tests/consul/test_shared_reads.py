@@ -1,5 +1,6 @@
 """How often shared feeds read each service, counted by a proxy in front of a real
-agent: once at start-up, then once per ``wait`` period while nothing changes.
+agent: once at start-up, once per ``wait`` period while nothing changes, and only the
+services a change concerns.
 
 The detectors' answers are held back a moment on their way to the backend, so reads
 sent before a detector's first answer would show (they would have to be sent again:
@@ -11,7 +12,8 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,10 +24,13 @@ import discovery_core as dc
 
 pytestmark = [pytest.mark.consul, pytest.mark.timeout(60)]
 
+Until = Callable[[Callable[[], bool], float, str], None]
+
 WAIT = 3.0  # the backend's wait: resyncs every 0.9-1.0 of it, detectors answer after it
 HELD = 0.3  # seconds each detector answer is held back
 SERVICES = 6
 DETECTORS = (b"/v1/health/state/any", b"/v1/catalog/services")
+CHECK = dc.TtlCheck(ttl=600, initial_status=dc.HealthStatus.PASSING)
 
 
 class _Connection(_Lines):
@@ -46,20 +51,34 @@ class SlowDetectors(CountingProxy):
             time.sleep(HELD)
         return super()._forward(data, sink, up=up, pair=pair)
 
+    def reads(self, services: list[str]) -> Counter[str]:
+        counts = self.counts()
+        return Counter({service: counts[f"GET /v1/health/service/{service}"] for service in services})
 
-def reads(proxy: CountingProxy, services: list[str]) -> Counter[str]:
-    counts = proxy.counts()
-    return Counter({service: counts[f"GET /v1/health/service/{service}"] for service in services})
+    def queries(self) -> list[int]:
+        """How many queries each detector sent."""
+        counts = self.counts()
+        return [counts[f"GET {path.decode()}"] for path in DETECTORS]
 
 
-def test_each_shared_feed_reads_once_at_start_up_and_once_per_wait_at_idle(
-    dev_agent: DevAgent, until: Callable[[Callable[[], bool], float, str], None]
-) -> None:
+@dataclass
+class Watching:
+    """Shared feeds on ``services`` (one instance each), through the proxy, each with
+    its first snapshot; ``writer`` registers directly with the agent."""
+
+    proxy: SlowDetectors
+    services: list[str]
+    watches: list[dc.Watch]
+    writer: dc.Backend
+
+
+@pytest.fixture
+def watching(dev_agent: DevAgent) -> Iterator[Watching]:
     prefix = f"reads-{uuid.uuid4().hex[:6]}"
     services = [f"{prefix}-{n}" for n in range(SERVICES)]
-    check = dc.TtlCheck(ttl=600, initial_status=dc.HealthStatus.PASSING)
     with dc.connect(f"consul://{dev_agent.address}") as writer:
-        registrations = [writer.register(dc.ServiceInstance(s, "127.0.0.1", 5001, check=check)) for s in services]
+        for service in services:
+            writer.register(dc.ServiceInstance(service, "127.0.0.1", 5001, check=CHECK))
         with (
             SlowDetectors(dev_agent.address) as proxy,
             dc.connect(f"consul://{proxy.address}?max_connections=5&wait={WAIT:g}s") as backend,
@@ -67,23 +86,35 @@ def test_each_shared_feed_reads_once_at_start_up_and_once_per_wait_at_idle(
             watches = [backend.watch(service) for service in services]  # all shared
             for watch in watches:
                 assert len(watch.wait(timeout=10).instances) == 1
-            started = time.monotonic()
-            # Counted past the follow-up a change would set off (1 s), before any resync.
-            time.sleep(1.5)
-            assert reads(proxy, services) == Counter(dict.fromkeys(services, 1))
-            # Each detector's second query times out after WAIT, its index unmoved (its
-            # third is then sent); each service's resync comes 0.9-1.0 x WAIT after its
-            # read, the next at least 1.8 x WAIT after it. Counted at 1.7 x WAIT.
-            window = started + 1.7 * WAIT
-            detectors = [f"GET {path.decode()}" for path in DETECTORS]
-            until(
-                lambda: all(proxy.counts()[d] >= 3 for d in detectors),
-                window - time.monotonic(),
-                "the detectors asking again after a timed-out query",
-            )
-            time.sleep(max(0.0, window - time.monotonic()))
-            assert reads(proxy, services) == Counter(dict.fromkeys(services, 2))
-            for watch in watches:
-                watch.close()
-        for registration in registrations:
-            registration.deregister()
+            yield Watching(proxy, services, watches, writer)
+
+
+def test_each_shared_feed_reads_once_at_start_up_and_once_per_wait_at_idle(watching: Watching, until: Until) -> None:
+    proxy, services = watching.proxy, watching.services
+    started = time.monotonic()
+    # Counted past the follow-up a change would set off (1 s), before any resync.
+    time.sleep(1.5)
+    assert proxy.reads(services) == Counter(dict.fromkeys(services, 1))
+    # Each detector's second query times out after WAIT, its index unmoved (its third
+    # is then sent); each service's resync comes 0.9-1.0 x WAIT after its read, the
+    # next at least 1.8 x WAIT after it. Counted at 1.7 x WAIT.
+    window = started + 1.7 * WAIT
+    until(lambda: min(proxy.queries()) >= 3, window - time.monotonic(), "the detectors asking again after a timeout")
+    time.sleep(max(0.0, window - time.monotonic()))
+    assert proxy.reads(services) == Counter(dict.fromkeys(services, 2))
+
+
+def test_a_change_reads_only_the_service_it_concerns(watching: Watching, until: Until) -> None:
+    # Right after start-up: the detectors' queries were narrowed before any read.
+    proxy, services, writer = watching.proxy, watching.services, watching.writer
+    assert proxy.reads(services) == Counter(dict.fromkeys(services, 1))
+    # A change elsewhere in the datacenter moves both detectors' indexes.
+    sent = proxy.queries()
+    writer.register(dc.ServiceInstance(f"{services[0]}-other", "127.0.0.1", 5002, check=CHECK))
+    until(lambda: min(map(int.__sub__, proxy.queries(), sent)) > 0, 10, "the detectors' answers")
+    # Then one of a watched service. Its follow-up read a second later comes once the
+    # reader has nothing else to read: any read the first change set off was sent.
+    writer.register(dc.ServiceInstance(services[0], "127.0.0.1", 5003, check=CHECK))
+    until(lambda: len(watching.watches[0].wait(timeout=10).instances) == 2, 10, "the new instance")
+    until(lambda: proxy.reads(services)[services[0]] >= 3, 10, "the follow-up read")
+    assert proxy.reads(services) == Counter({services[0]: 3}) + Counter(dict.fromkeys(services[1:], 1))
