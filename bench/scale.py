@@ -355,7 +355,7 @@ def idle_row(result: Idle) -> Row:
     return Row(
         f"{result.instances:,} endpoints, health on, all unreachable, idle",
         "threads ≤ 20 more than baseline, CPU ≤ 5%, RSS ≤ 150 MiB added",
-        f"+{result.threads} threads, CPU {result.cpu:.1f}%, +{result.rss_mib:.0f} MiB"
+        f"+{result.threads:,} threads, CPU {result.cpu:.1f}%, +{result.rss_mib:.0f} MiB"
         f" (built in {result.build:.2f} s, closed in {result.close:.2f} s)",
     )
 
