@@ -367,7 +367,7 @@ def idle_row(result: Idle, subset: int | None) -> Row:
     return Row(
         f"{result.instances:,} instances, health on, all unreachable, idle, {_subset(subset)}",
         "threads ≤ 20 more than baseline, CPU ≤ 5%, RSS ≤ 150 MiB added",
-        f"+{result.threads} threads, CPU {result.cpu:.1f}%, +{result.rss_mib:.0f} MiB"
+        f"+{result.threads:,} threads, CPU {result.cpu:.1f}%, +{result.rss_mib:.0f} MiB"
         f" (built in {result.build:.2f} s, closed in {result.close:.2f} s)",
     )
 
